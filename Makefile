@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` (set-up + the main job end to end) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= demo-output
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data demo test test-slow bench clean
+
+$(BIN)/diffseg: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/diffseg
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (offline, installed when we are root)
+data:
+	@test -f $(FASHION_MNIST) || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null); } \
+	  || { echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' (or set data.path to a folder of its IDX files)"; exit 1; }
+
+demo: setup data
+	$(BIN)/diffseg train --recipe fashion-cpu --output-dir $(OUT)/ddpm
+	$(BIN)/diffseg sample --model $(OUT)/ddpm --num-images 64 --scheduler ddim --steps 50 --seed 0 --out $(OUT)/samples.png
+
+test: setup data
+	$(BIN)/python -m pytest -q -n 2
+
+test-slow: setup data
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) $(OUT)

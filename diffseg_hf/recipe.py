@@ -1,0 +1,287 @@
+"""Recipes: YAML files with sections, loaded into frozen, validated dataclasses.
+
+A recipe may start from another with `base: NAME` (deep merge), so ablation variants state only their one
+change. `--set section.key=value` overrides are parsed as YAML scalars and validated like file values.
+Unknown keys and wrong types are `RecipeError`s naming the key path. Derived values (model channels from
+the data, global batch) are properties, never written in a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import RecipeError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "fashion-mnist"  # a key of diffseg_hf.data.IMAGE_SOURCES, or "imagefolder:PATH" / "hub:ID"
+    path: str | None = None  # local folder overriding the source's default location
+    hub_id: str | None = None  # Hub dataset id for sources that can stream from the Hub (mnist, voc)
+    split: str = "train"
+    resolution: int = 32
+    channels: int = 1
+    hflip: bool = False
+    streaming: bool = False
+    max_images: int | None = None  # use only the first N images
+    shuffle_buffer: int = 1000  # streaming only
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    block: str = "resnet"  # a key of diffseg_hf.models.RESIDUAL_BLOCKS
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    attention_resolutions: tuple[int, ...] = (8,)  # feature-map sizes that get self-attention
+    mid_attention: bool = True
+    attention_head_dim: int | None = 8
+    norm_num_groups: int = 8
+    dropout: float = 0.0
+    convnext_expansion: int = 2
+    convnext_kernel_size: int = 7
+
+    def __post_init__(self):
+        from .models.blocks import RESIDUAL_BLOCKS
+
+        if self.block not in RESIDUAL_BLOCKS:
+            raise RecipeError(f"unknown block type {self.block!r} (model.block); choose from {', '.join(RESIDUAL_BLOCKS)}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    schedule: Literal["linear", "cosine"] = "linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    clip_sample: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 64  # per process
+    lr: float = 2e-4
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_steps: int = 1000
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: take the launcher's setting
+    ema_decay: float = 0.9999  # diffusers EMAModel max decay
+    ema_warmup: bool = True  # EMAModel warm-up: decay = 1 - (1 + step / inv_gamma) ** -power
+    ema_inv_gamma: float = 1.0
+    ema_power: float = 0.75
+    seed: int = 0
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int | None = 2
+    sample_every: int = 0  # 0: only at the end
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    scheduler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = 50
+    num_images: int = 64
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    name: str = "custom"  # the file's stem unless the file says otherwise
+
+    @property
+    def global_batch_size(self) -> int:
+        """Images per optimizer step on one process (multiply by the process count for the global batch)."""
+        return self.train.batch_size * self.train.gradient_accumulation_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def _recipe_dir() -> Path:
+    return Path(str(resources.files("diffseg_hf.recipes")))
+
+
+def list_recipes() -> dict[str, str]:
+    """Shipped recipe name -> one-line description."""
+    out = {}
+    for file in sorted(_recipe_dir().glob("*.yaml")):
+        raw = _read_yaml(file)
+        out[file.stem] = str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""
+    return out
+
+
+def load_recipe(name_or_path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Load a shipped recipe by name or a YAML file by path, apply `section.key=value` overrides, validate."""
+    raw, name = _resolve(str(name_or_path), seen=())
+    for item in overrides:
+        _apply_override(raw, item)
+    raw.setdefault("name", name)
+    return _build(Recipe, raw, "")
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    return _build(Recipe, raw, "")
+
+
+def _resolve(name_or_path: str, seen: tuple[str, ...]) -> tuple[dict[str, Any], str]:
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {name_or_path} does not exist")
+        name = path.stem
+    else:
+        path = _recipe_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(list_recipes())
+            raise RecipeError(f"unknown recipe {name_or_path!r}; choose from {known} or pass a path to a .yaml file")
+        name = name_or_path
+    if name in seen:
+        raise RecipeError(f"recipe {name}: circular `base` chain {' -> '.join(seen + (name,))}")
+    raw = _read_yaml(path)
+    base = raw.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise RecipeError(f"recipe {name}: base: expected a recipe name, got {base!r}")
+        if base.endswith((".yaml", ".yml")) and not Path(base).is_absolute():
+            base = str(path.parent / base)  # a base file is found beside the recipe that names it
+        parent, _ = _resolve(base, seen + (name,))
+        raw = _merge(parent, raw)
+    return raw, name
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=2e-4")
+    key_path, text = item.split("=", 1)
+    keys = key_path.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {item!r}: {key} is not a section")
+    try:
+        node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        node[keys[-1]] = text
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected a section (mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        path = f"{where}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {where}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise RecipeError(f"unknown key {path}{hint}")
+        values[key] = _coerce(hints[key], value, path)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, path + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, path)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{path}: expected {_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{path}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{path}: expected a list of {_name(args[0])}, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 2e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported recipe field type {tp!r} at {path}")
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,36 @@
+"""Shared tiny setup: every test runs on CPU, seeded, offline, with 32x32 models of a few thousand parameters."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# tiny model overrides shared by the recipe smoke tests: (8, 16) channels, one layer, 16x16 attention
+TINY_MODEL = ["model.block_out_channels=[8,16]", "model.layers_per_block=1", "model.attention_resolutions=[16]",
+              "model.norm_num_groups=4", "model.attention_head_dim=8"]
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one thread per xdist worker: the suite runs 2 workers on 2 cores
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def tiny_unet(block: str = "resnet", **kwargs):
+    from diffseg_hf.models import DiffsegUNet2DModel
+
+    cfg = dict(sample_size=16, in_channels=1, out_channels=1, block=block, block_out_channels=(8, 16),
+               layers_per_block=1, attention_resolutions=(8,), norm_num_groups=4, attention_head_dim=8)
+    cfg.update(kwargs)
+    return DiffsegUNet2DModel(**cfg)

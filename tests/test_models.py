@@ -1,0 +1,136 @@
+import json
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+
+from conftest import tiny_unet
+from diffseg_hf.errors import CheckpointError, RecipeError
+from diffseg_hf.models import RESIDUAL_BLOCKS, DiffsegUNet2DModel, load_unet
+
+BLOCKS = sorted(RESIDUAL_BLOCKS)
+
+
+def _randomize(model):
+    """Non-trivial weights everywhere (zero-initialised layers would hide wiring mistakes)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_forward_shape_and_every_parameter_gets_a_gradient(block):
+    model = tiny_unet(block)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
+    out = model(x, t).sample
+    assert out.shape == (2, 1, 16, 16)
+    out.square().mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not no_grad, no_grad
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("attn", [(), (8,), (16, 8)])
+def test_save_load_round_trip_is_bit_identical(tmp_path, block, attn):
+    model = _randomize(tiny_unet(block, attention_resolutions=attn, mid_attention=bool(attn),
+                                 convnext_expansion=3)).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["_class_name"] == "DiffsegUNet2DModel" and config["block"] == block
+    loaded = load_unet(tmp_path)
+    assert type(loaded) is DiffsegUNet2DModel
+    as_json = lambda m: {k: v for k, v in json.loads(m.to_json_string()).items() if k != "_name_or_path"}
+    assert as_json(loaded) == as_json(model)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([0, 999])
+    with torch.no_grad():
+        assert torch.equal(model(x, t).sample, loaded(x, t).sample)
+
+
+def test_baseline_equals_stock_unet2dmodel():
+    """Same config -> same parameter names, and the stock weights give the same outputs."""
+    stock = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16, 32),
+                        layers_per_block=2, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                        attention_head_dim=8)
+    ours = DiffsegUNet2DModel(sample_size=32, block_out_channels=(8, 16, 32), layers_per_block=2,
+                              attention_resolutions=(8,), norm_num_groups=4, attention_head_dim=8)
+    ours.load_state_dict(_randomize(stock).state_dict(), strict=True)
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([5, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t).sample, stock(x, t).sample, rtol=0, atol=1e-6)
+
+
+def test_attention_placement_and_noattn():
+    model = tiny_unet(attention_resolutions=(8,))
+    assert model.down_blocks[0].attentions is None and model.down_blocks[1].attentions is not None
+    assert model.up_blocks[0].attentions is not None and model.up_blocks[1].attentions is None
+    none = tiny_unet(attention_resolutions=(), mid_attention=False)
+    assert not any("attention" in n for n, _ in none.named_parameters())
+
+
+def test_adagn_uses_scale_shift_and_keeps_mid_attention_norm():
+    model = tiny_unet("adagn")
+    resnet = model.down_blocks[0].resnets[0]
+    # scale and shift: the time projection emits 2x the channels
+    assert resnet.time_emb_proj.out_features == 2 * resnet.out_channels
+    assert model.mid_block.attentions[0].group_norm is not None  # diffusers' scale_shift quirk avoided
+
+
+def test_convnext_expansion_sets_width():
+    model = tiny_unet("convnext", convnext_expansion=4)
+    block = model.down_blocks[0].resnets[0]
+    assert block.pw_expand.out_channels == 4 * 8 and block.depthwise.groups == 8
+
+
+def test_gradient_checkpointing_matches_plain_backward():
+    model = _randomize(tiny_unet("convnext"))
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
+    model(x, t).sample.sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.enable_gradient_checkpointing()
+    model(x, t).sample.sum().backward()
+    for a, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_unknown_block_and_bad_groups():
+    with pytest.raises(RecipeError, match="unknown block type 'foo'.*choose from"):
+        tiny_unet("foo")
+    with pytest.raises(RecipeError, match="not divisible by model.norm_num_groups"):
+        tiny_unet(block_out_channels=(6, 16))
+
+
+def test_loading_with_unset_parameters_is_an_error(tmp_path):
+    model = tiny_unet()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["layers_per_block"] = 2  # the weights file lacks the second layer's parameters
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="unset|size mismatch|cannot load"):
+        load_unet(tmp_path)
+
+
+def test_missing_and_corrupted_folders(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_unet(tmp_path)
+    tiny_unet().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot load"):
+        load_unet(tmp_path)
+    tiny_unet().save_pretrained(tmp_path / "b")
+    (tmp_path / "b" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot load"):
+        load_unet(tmp_path / "b")
+
+
+def test_plugs_into_ddpm_pipeline(tmp_path):
+    from diffseg_hf.schedule import make_scheduler
+
+    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=make_scheduler("cosine", num_train_timesteps=10))
+    images = pipe(batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 16, 16, 1)

@@ -1,0 +1,97 @@
+import pytest
+
+from conftest import TINY_MODEL
+from diffseg_hf.build import build_scheduler, build_unet
+from diffseg_hf.errors import RecipeError
+from diffseg_hf.recipe import list_recipes, load_recipe
+
+ABLATION = ["mnist-baseline", "mnist-adagn", "mnist-convnext", "mnist-cosine", "mnist-noattn"]
+
+
+def test_shipped_recipes_listed_with_descriptions():
+    recipes = list_recipes()
+    for name in ABLATION + ["voc-baseline", "fashion-cpu"]:
+        assert name in recipes and recipes[name], name
+
+
+@pytest.mark.parametrize("name", sorted(list_recipes()))
+def test_every_recipe_loads_and_builds_its_model(name):
+    recipe = load_recipe(name, TINY_MODEL)
+    unet, scheduler = build_unet(recipe), build_scheduler(recipe)
+    assert unet.config.sample_size == recipe.data.resolution
+    assert unet.config.in_channels == recipe.data.channels == unet.config.out_channels
+    assert scheduler.config.num_train_timesteps == recipe.scheduler.num_train_timesteps
+    full = build_unet(load_recipe(name))  # the real size builds too
+    assert full.config.block_out_channels == load_recipe(name).model.block_out_channels
+
+
+def _diff(a, b, path=""):
+    out = set()
+    for key in a.keys() | b.keys():
+        if isinstance(a.get(key), dict):
+            out |= _diff(a[key], b[key], f"{path}{key}.")
+        elif a.get(key) != b.get(key):
+            out.add(f"{path}{key}")
+    return out
+
+
+def test_ablation_variants_differ_from_baseline_only_in_their_change():
+    base = load_recipe("mnist-baseline").to_dict()
+    expected = {
+        "mnist-adagn": {"model.block"},
+        "mnist-convnext": {"model.block"},
+        "mnist-cosine": {"scheduler.schedule"},
+        "mnist-noattn": {"model.attention_resolutions", "model.mid_attention"},
+    }
+    for name, changed in expected.items():
+        assert _diff(base, load_recipe(name).to_dict()) - {"name", "description"} == changed, name
+    for name in ABLATION:
+        r = load_recipe(name)
+        assert (r.data.resolution, r.data.channels, r.scheduler.num_train_timesteps) == (32, 1, 1000)
+
+
+def test_overrides_are_typed_and_validated():
+    r = load_recipe("fashion-cpu", ["train.lr=2e-4", "model.block=convnext", "model.block_out_channels=[8, 16]",
+                                    "train.mixed_precision=bf16", "data.max_images=null"])
+    assert r.train.lr == 2e-4 and isinstance(r.train.lr, float)
+    assert r.model.block == "convnext" and r.model.block_out_channels == (8, 16)
+    assert r.train.mixed_precision == "bf16" and r.data.max_images is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", r"unknown key train\.lrr; did you mean train\.lr\?"),
+    ("nosection.x=1", r"unknown key nosection"),
+    ("train.max_steps=ten", r"train\.max_steps: expected an integer, got 'ten'"),
+    ("train.max_steps=1.5", r"train\.max_steps: expected an integer"),
+    ("data.hflip=maybe", r"data\.hflip: expected true or false"),
+    ("scheduler.schedule=quadratic", r"scheduler\.schedule: 'quadratic' is not one of linear, cosine"),
+    ("model.block=transformer", r"unknown block type 'transformer' \(model\.block\); choose from"),
+    ("model.block_out_channels=[8, x]", r"model\.block_out_channels\[1\]: expected an integer"),
+    ("train.lr", r"expected section\.key=value"),
+])
+def test_bad_overrides_name_the_key_path(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("fashion-cpu", [override])
+
+
+def test_unknown_recipe_lists_known_ones():
+    with pytest.raises(RecipeError, match="unknown recipe 'nope'; choose from .*fashion-cpu.*mnist-baseline"):
+        load_recipe("nope")
+
+
+def test_recipe_file_with_base_and_round_trip(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: fashion-cpu\ntrain:\n  max_steps: 7\n")
+    r = load_recipe(path)
+    assert r.name == "mine" and r.train.max_steps == 7 and r.model.block == "resnet"
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(r.to_yaml())
+    assert load_recipe(saved) == r  # a resolved recipe reloads to the same frozen object
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(RecipeError, match="bad.yaml: invalid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(RecipeError, match="circular"):
+        load_recipe(tmp_path / "loop.yaml")
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
