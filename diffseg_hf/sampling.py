@@ -12,6 +12,8 @@ from diffusers import SchedulerMixin, UNet2DModel
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .data.transforms import to_uint8
+
 
 @torch.no_grad()
 def sample(unet: UNet2DModel, scheduler: SchedulerMixin, *, num_images: int, steps: int | None = None,
@@ -48,11 +50,6 @@ def sample(unet: UNet2DModel, scheduler: SchedulerMixin, *, num_images: int, ste
     bar.close()
     unet.train(was_training)
     return torch.cat(out)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 in [0, 255], same shape."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:

@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only add contention (xdist runs 2 workers)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -17,8 +18,7 @@ TINY_MODEL = ["model.block_out_channels=[8,16]", "model.layers_per_block=1", "mo
               "model.norm_num_groups=4", "model.attention_head_dim=8"]
 
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)  # one thread per xdist worker: the suite runs 2 workers on 2 cores
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
