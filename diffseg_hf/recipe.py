@@ -101,6 +101,36 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class SegmentConfig:
+    """Label-efficient segmentation on the DDPM's decoder features (Baranchuk et al. 2021 defaults)."""
+
+    dataset: str = "fashion-seg"  # a key of diffseg_hf.segmentation.SEG_DATASETS
+    path: str | None = None  # local folder (VOCdevkit for voc; Fashion-MNIST IDX folder for fashion-seg)
+    hub_id: str | None = None  # Hub dataset id (voc, online)
+    train_split: str = "train"
+    test_split: str = "test"
+    num_labeled: int = 20
+    num_test: int = 500
+    data_seed: int = 0  # which canvases are drawn (fashion-seg)
+    blocks: tuple[str, ...] | None = None  # UNet module names; None: every up block
+    timesteps: tuple[int, ...] = (50, 150, 250)
+    noise: Literal["fixed", "mean"] = "fixed"
+    num_noise_draws: int = 1
+    noise_seed: int = 0
+    num_members: int = 10
+    batch_size: int = 64  # pixels per MLP step
+    lr: float = 1e-3
+    max_epochs: int = 100
+    patience: int = 50  # batches without a new best loss before a member stops (after min_epochs)
+    min_epochs: int = 4
+    memory_mb: float = 1024.0  # cap on stored pixel features (float16); beyond it pixels are subsampled
+    seed: int = 0  # classifier initialisation and shuffling
+    baseline_steps: int = 2000  # supervised baseline (a U-Net from scratch on the same labelled images)
+    baseline_batch_size: int = 8
+    baseline_lr: float = 2e-3
+
+
+@dataclass(frozen=True)
 class Recipe:
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
@@ -108,6 +138,7 @@ class Recipe:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    segment: SegmentConfig | None = None  # segmentation recipes only
     name: str = "custom"  # the file's stem unless the file says otherwise
 
     @property

@@ -1,0 +1,70 @@
+"""`diffseg segment fit | eval | predict`: label-efficient segmentation on DDPM decoder features."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import command, recipe_option, set_option
+
+app = typer.Typer(no_args_is_help=True, help="Fit, evaluate and apply pixel classifiers on DDPM features.")
+ClassifierOpt = typer.Option(..., "--classifier", "-c", help="a folder written by `diffseg segment fit`")
+ModelOpt = typer.Option(None, "--model", "-m", help="the DDPM (default: the one recorded in the classifier)")
+
+
+@command(app, "fit")
+def fit_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="a trained DDPM folder, or a Hub id / stock UNet2DModel"),
+    recipe: str = recipe_option(),
+    set_: Optional[list[str]] = set_option(),
+    num_labeled: Optional[int] = typer.Option(None, "--num-labeled", min=1, help="labelled images (segment.num_labeled)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="classifier seed (segment.seed)"),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="also train the supervised baseline"),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o"),
+) -> None:
+    """Fit the pixel-MLP ensemble on the recipe's labelled images (and the supervised baseline beside it)."""
+    from diffseg_hf.recipe import load_recipe
+    from diffseg_hf.segment_runs import fit_from_recipe
+
+    overrides = list(set_ or [])
+    overrides += [f"segment.num_labeled={num_labeled}"] if num_labeled is not None else []
+    overrides += [f"segment.seed={seed}"] if seed is not None else []
+    summary = fit_from_recipe(load_recipe(recipe, overrides), model, output_dir, baseline=baseline, progress=True)
+    typer.echo(f"fitted on {summary['num_labeled']} labelled images ({summary['pixels_kept']} pixels, "
+               f"D={summary['feature_dim']}) in {summary['fit_seconds']} s; classifier in {output_dir}")
+
+
+@command(app, "eval")
+def eval_cmd(
+    classifier: Path = ClassifierOpt,
+    model: Optional[str] = ModelOpt,
+    num_test: Optional[int] = typer.Option(None, "--num-test", min=1, help="held-out images (default: the recipe's)"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write miou, pixel_accuracy, per_class_iou here"),
+) -> None:
+    """Per-class IoU, mIoU and pixel accuracy on the held-out split (next to the baseline when present)."""
+    from diffseg_hf.segment_runs import evaluate_classifier, format_result
+
+    result = evaluate_classifier(classifier, model=model, num_test=num_test)
+    typer.echo(format_result(result))
+    typer.echo(f"({result['num_test_images']} test images; tables in {classifier / 'eval.md'}, "
+               f"panel in {classifier / 'eval_panel.png'})")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
+
+
+@command(app, "predict")
+def predict_cmd(
+    classifier: Path = ClassifierOpt,
+    images: list[Path] = typer.Option(..., "--images", "-i", help="image files (repeat, or pass several)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    model: Optional[str] = ModelOpt,
+) -> None:
+    """Write VOC-palette mask PNGs, overlays and uncertainty maps for image files."""
+    from diffseg_hf.segment_runs import predict_files
+
+    written = predict_files(classifier, [str(p) for p in images], out, model=model)
+    typer.echo(f"wrote {len(written)} masks (+ overlays, uncertainty maps) to {out}")

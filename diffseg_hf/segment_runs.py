@@ -1,0 +1,165 @@
+"""Recipe-level segmentation runs behind `diffseg segment fit | eval | predict`.
+
+fit:     labelled images -> classifier folder (+ `baseline/`, the supervised U-Net on the same images)
+eval:    classifier folder -> per-class IoU, mIoU and pixel accuracy on the held-out split, both models
+predict: image files -> VOC-palette masks, overlays and uncertainty maps
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.segmentation import SegmentationSet, save_mask_png
+from .data.transforms import images_to_uint8, uint8_to_float
+from .errors import DataError, RecipeError
+from .evaluation.segmentation import SegmentationMeter, format_iou_table
+from .pipeline import load_model_and_scheduler
+from .recipe import Recipe
+from .segmentation import Segmenter, colorize, fit_segmenter, heat, load_segmentation_data, overlay, save_panel
+from .supervised import SupervisedUNet, fit_supervised, predict_supervised
+
+BASELINE_DIR = "baseline"
+
+
+def _segment_section(recipe: Recipe):
+    if recipe.segment is None:
+        raise RecipeError(f"recipe {recipe.name} has no segment section; use a segmentation recipe such as "
+                          "fashion-seg or voc-seg")
+    return recipe.segment
+
+
+def fit_from_recipe(recipe: Recipe, model: str, output_dir: str | os.PathLike, *, baseline: bool = True,
+                    progress: bool = False) -> dict:
+    """Fit the pixel ensemble (and the supervised baseline) on the recipe's labelled images."""
+    seg, output_dir = _segment_section(recipe), Path(output_dir)
+    unet, scheduler = load_model_and_scheduler(model)
+    train = load_segmentation_data(seg.dataset, seg.train_split, num_images=seg.num_labeled,
+                                   resolution=unet.config.sample_size, path=seg.path, hub_id=seg.hub_id,
+                                   seed=seg.data_seed)
+    if train.images.shape[1] != unet.config.in_channels:
+        raise DataError(f"{seg.dataset} images have {train.images.shape[1]} channels but the model {model} takes "
+                        f"{unet.config.in_channels}; use a DDPM trained on this dataset")
+    started = time.perf_counter()
+    segmenter, stats = fit_segmenter(
+        unet, scheduler, train, model_location=str(Path(model).resolve()) if os.path.isdir(model) else model,
+        blocks=seg.blocks, timesteps=seg.timesteps, noise=seg.noise, num_noise_draws=seg.num_noise_draws,
+        noise_seed=seg.noise_seed, num_members=seg.num_members, batch_size=seg.batch_size, lr=seg.lr,
+        max_epochs=seg.max_epochs, patience=seg.patience, min_epochs=seg.min_epochs, memory_mb=seg.memory_mb,
+        seed=seg.seed, progress=progress)
+    fit_seconds = time.perf_counter() - started
+    segmenter.config["dataset"] = {"name": seg.dataset, "train_split": seg.train_split, "test_split": seg.test_split,
+                                   "num_test": seg.num_test, "path": seg.path, "hub_id": seg.hub_id,
+                                   "data_seed": seg.data_seed}
+    if os.path.isdir(model):
+        segmenter.config["backbone"]["model_relative"] = os.path.relpath(Path(model).resolve(), output_dir.resolve())
+    segmenter.save(output_dir)
+    (output_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    summary = {"num_labeled": len(train), "fit_seconds": round(fit_seconds, 2), **stats}
+    if baseline:
+        started = time.perf_counter()
+        net = fit_supervised(train.float_images(), train.masks, num_classes=train.num_classes,
+                             steps=seg.baseline_steps, batch_size=seg.baseline_batch_size, lr=seg.baseline_lr,
+                             seed=seg.seed)
+        net.save_pretrained(output_dir / BASELINE_DIR)
+        summary["baseline_fit_seconds"] = round(time.perf_counter() - started, 2)
+    (output_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def load_test_set(segmenter: Segmenter, num_test: int | None = None) -> SegmentationSet:
+    d = segmenter.config["dataset"]
+    return load_segmentation_data(d["name"], d["test_split"], num_images=num_test or d["num_test"],
+                                  resolution=segmenter.config["resolution"], path=d["path"], hub_id=d["hub_id"],
+                                  seed=d["data_seed"])
+
+
+def evaluate_classifier(classifier_dir: str | os.PathLike, *, model: str | None = None, num_test: int | None = None,
+                        panel_images: int = 8) -> dict:
+    """mIoU / pixel accuracy of the classifier (and its baseline, when present) on the held-out split.
+
+    Writes `eval.md` (tables) and `eval_panel.png` (image | truth | prediction | uncertainty | baseline).
+    """
+    classifier_dir = Path(classifier_dir)
+    segmenter = Segmenter.load(classifier_dir, model)
+    test = load_test_set(segmenter, num_test)
+    started = time.perf_counter()
+    metrics = segmenter.evaluate(test)
+    result = {**metrics.to_dict(), "num_test_images": len(test), "eval_seconds": round(time.perf_counter() - started, 2),
+              "protocol": _protocol(segmenter, test)}
+    tables = [f"## diffusion features + pixel MLPs\n\n{format_iou_table(metrics)}"]
+    base_dir = classifier_dir / BASELINE_DIR
+    base_pred = None
+    if base_dir.is_dir():
+        net = SupervisedUNet.from_pretrained(base_dir).eval()
+        meter = SegmentationMeter(test.num_classes, 255, test.class_names)
+        base_pred = predict_supervised(net, test.float_images())
+        meter.update(base_pred, test.masks)
+        base = meter.compute()
+        result["baseline"] = base.to_dict()
+        tables.append(f"## supervised baseline (U-Net from scratch, same labelled images)\n\n{format_iou_table(base)}")
+    (classifier_dir / "eval.md").write_text("\n\n".join(tables) + "\n")
+    head = test.subset(slice(0, panel_images))
+    labels, unc = segmenter.predict(head.float_images())
+    columns = [colorize(head.masks.long()), colorize(labels), heat(unc)]
+    if base_pred is not None:
+        columns.append(colorize(base_pred[:panel_images]))
+    save_panel(classifier_dir / "eval_panel.png", head.images, columns)
+    return result
+
+
+def _protocol(segmenter: Segmenter, test: SegmentationSet) -> dict:
+    f, fit = segmenter.config["features"], segmenter.config["fit"]
+    return {"test_images": len(test), "test_split": segmenter.config["dataset"]["test_split"],
+            "dataset": segmenter.config["dataset"]["name"], "feature_blocks": f["blocks"],
+            "timesteps": f["timesteps"], "noise": f["noise"], "noise_seed": f["noise_seed"],
+            "feature_dim": f["feature_dim"], "num_labeled": fit["num_labeled"], "classifier_seed": fit["seed"],
+            "miou": "intersections and unions summed over the test set per class; classes absent from "
+                    "truth and prediction excluded; ignore label 255 skipped"}
+
+
+def predict_files(classifier_dir: str | os.PathLike, images: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  *, model: str | None = None) -> list[Path]:
+    """For each image: `{stem}_mask.png` (VOC palette), `{stem}_overlay.png`, `{stem}_uncertainty.png`."""
+    segmenter = Segmenter.load(classifier_dir, model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res, ch = segmenter.config["resolution"], segmenter.config["channels"]
+    pics = []
+    for path in images:
+        try:
+            pics.append(Image.open(path).copy())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read the image ({e})") from None
+    uint8 = images_to_uint8(pics, resolution=res, channels=ch)  # (N, C, R, R)
+    labels, unc = segmenter.predict(uint8_to_float(uint8))
+    written = []
+    for i, path in enumerate(images):
+        stem = Path(path).stem
+        save_mask_png(out_dir / f"{stem}_mask.png", labels[i])
+        Image.fromarray(overlay(uint8[i:i + 1], labels[i:i + 1])[0]).save(out_dir / f"{stem}_overlay.png")
+        Image.fromarray(heat(unc[i:i + 1])[0]).save(out_dir / f"{stem}_uncertainty.png")
+        written.append(out_dir / f"{stem}_mask.png")
+    return written
+
+
+def format_result(result: dict) -> str:
+    """Two-column text table: per-class IoU of the classifier and of the baseline, then the means."""
+    names = list(result["per_class_iou"])
+    base = result.get("baseline")
+    fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:5.1f}"
+    rows = [f"{'class':<16} {'diffusion':>9}" + (f" {'baseline':>9}" if base else "")]
+    for n in names:
+        rows.append(f"{n:<16} {fmt(result['per_class_iou'][n]):>9}"
+                    + (f" {fmt(base['per_class_iou'][n]):>9}" if base else ""))
+    for key in ("miou", "pixel_accuracy"):
+        rows.append(f"{key:<16} {fmt(result[key]):>9}" + (f" {fmt(base[key]):>9}" if base else ""))
+    return "\n".join(rows)
