@@ -17,7 +17,8 @@ ModelOpt = typer.Option(None, "--model", "-m", help="the DDPM (default: the one 
 
 @command(app, "fit")
 def fit_cmd(
-    model: str = typer.Option(..., "--model", "-m", help="a trained DDPM folder, or a Hub id / stock UNet2DModel"),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="a trained DDPM folder or a Hub id (default: the recipe's segment.model)"),
     recipe: str = recipe_option(),
     set_: Optional[list[str]] = set_option(),
     num_labeled: Optional[int] = typer.Option(None, "--num-labeled", min=1, help="labelled images (segment.num_labeled)"),

@@ -104,6 +104,7 @@ class SampleConfig:
 class SegmentConfig:
     """Label-efficient segmentation on the DDPM's decoder features (Baranchuk et al. 2021 defaults)."""
 
+    model: str | None = None  # default DDPM for `segment fit` (a folder or Hub id); --model overrides it
     dataset: str = "fashion-seg"  # a key of diffseg_hf.segmentation.SEG_DATASETS
     path: str | None = None  # local folder (VOCdevkit for voc; Fashion-MNIST IDX folder for fashion-seg)
     hub_id: str | None = None  # Hub dataset id (voc, online)

@@ -37,10 +37,16 @@ def _segment_section(recipe: Recipe):
     return recipe.segment
 
 
-def fit_from_recipe(recipe: Recipe, model: str, output_dir: str | os.PathLike, *, baseline: bool = True,
+def fit_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.PathLike, *, baseline: bool = True,
                     progress: bool = False) -> dict:
-    """Fit the pixel ensemble (and the supervised baseline) on the recipe's labelled images."""
+    """Fit the pixel ensemble (and the supervised baseline) on the recipe's labelled images.
+
+    `model` is a DDPM folder or Hub id; None takes the recipe's `segment.model`."""
     seg, output_dir = _segment_section(recipe), Path(output_dir)
+    model = model or seg.model
+    if model is None:
+        raise RecipeError(f"recipe {recipe.name} names no DDPM (segment.model); pass --model DIR|HUB_ID, e.g. the "
+                          f"output folder of `diffseg train --recipe {recipe.name}`")
     unet, scheduler = load_model_and_scheduler(model)
     train = load_segmentation_data(seg.dataset, seg.train_split, num_images=seg.num_labeled,
                                    resolution=unet.config.sample_size, path=seg.path, hub_id=seg.hub_id,

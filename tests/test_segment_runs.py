@@ -119,3 +119,41 @@ def test_segment_fit_cli(ddpm, tmp_path):
     config = json.loads((tmp_path / "classifier_config.json").read_text())["config"]
     assert config["fit"]["num_labeled"] == 2 and config["fit"]["seed"] == 3
     assert not (tmp_path / "baseline").exists()
+
+
+def _voc_with_masks(root, n=5):
+    from diffseg_hf.data.segmentation import save_mask_png
+
+    voc = root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = [f"2008_{i:06d}" for i in range(n)]
+    for k, i in enumerate(ids):
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{i}.jpg")
+        mask = np.zeros((48, 40), dtype=np.uint8)
+        mask[8:40, 8:32] = 1 + k % 3  # aeroplane, bicycle, bird
+        mask[7, :] = 255  # border
+        save_mask_png(voc / "SegmentationClass" / f"{i}.png", mask)
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids[:3]) + "\n")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids[3:]) + "\n")
+    return root / "VOCdevkit"
+
+
+def test_voc_seg_recipe_on_a_voc_layout_folder(tmp_path):
+    ddpm = tmp_path / "ddpm"
+    save_pipeline(ddpm, tiny_unet(sample_size=32, in_channels=3, out_channels=3, attention_resolutions=(16,)),
+                  make_scheduler(num_train_timesteps=50))
+    voc = _voc_with_masks(tmp_path)
+    recipe = load_recipe("voc-seg", [f"segment.path={voc}", "segment.num_labeled=3", "segment.num_test=2",
+                                     "segment.max_epochs=2", "segment.num_members=2", "segment.baseline_steps=3",
+                                     "segment.timesteps=[5]"])
+    fit_from_recipe(recipe, str(ddpm), tmp_path / "cls")
+    result = evaluate_classifier(tmp_path / "cls")
+    assert result["num_test_images"] == 2 and len(result["per_class_iou"]) == 21
+    assert result["protocol"]["test_split"] == "val"
+
+
+def test_recipe_without_a_model(tmp_path):
+    with pytest.raises(RecipeError, match=r"names no DDPM \(segment.model\); pass --model"):
+        fit_from_recipe(load_recipe("fashion-seg"), None, tmp_path)
