@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import torch
 from PIL import Image
 
 from .data.segmentation import SegmentationSet, save_mask_png

@@ -21,7 +21,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from .data.segmentation import (FASHION_SEG_CLASSES, IGNORE_INDEX, SegmentationSet, load_fashion_seg,
+from .data.segmentation import (IGNORE_INDEX, SegmentationSet, load_fashion_seg,
                                 load_voc_segmentation, load_voc_segmentation_hub, voc_palette)
 from .errors import CheckpointError, DataError
 from .evaluation.segmentation import SegmentationMeter, SegMetrics
