@@ -46,8 +46,11 @@ def train_cmd(
     from diffseg_hf.training import train
 
     summary = train(load_recipe(recipe, set_ or []), output_dir, max_steps=max_steps, resume=resume)
-    typer.echo(f"trained {summary['steps']} steps ({summary['images_per_s']} img/s, last loss "
-               f"{summary['last_loss']:.4f}); pipeline in {output_dir}")
+    if summary["steps_this_run"] == 0:
+        typer.echo(f"already at step {summary['steps']}; wrote the pipeline to {output_dir}")
+    else:
+        typer.echo(f"trained to step {summary['steps']} ({summary['images_per_s']} img/s, last loss "
+                   f"{summary['last_loss']:.4f}); pipeline in {output_dir}")
 
 
 @command(app, "sample")
