@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import typer
 
-from . import ddpm, segment
+from . import ddpm, hub, segment
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train DDPMs with diffusers and turn their decoder features into segmenters.")
-for module in (ddpm,):
+for module in (ddpm, hub):
     app.registered_commands += module.app.registered_commands
 app.add_typer(segment.app, name="segment")
 

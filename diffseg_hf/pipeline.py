@@ -8,6 +8,7 @@ from pathlib import Path
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from .errors import CheckpointError
+from .hub import write_remote_code
 from .models import load_unet
 
 RECIPE_FILE = "recipe.yaml"
@@ -15,9 +16,11 @@ RECIPE_FILE = "recipe.yaml"
 
 def save_pipeline(out_dir: str | os.PathLike, unet: UNet2DModel, scheduler: DDPMScheduler,
                   recipe_yaml: str | None = None) -> Path:
-    """Write a `DDPMPipeline` folder (safetensors + configs) with the resolved recipe beside it."""
+    """Write a `DDPMPipeline` folder (safetensors + configs) with the resolved recipe beside it; a custom UNet
+    ships its code (`unet/diffseg_unet.py`) so diffusers loads the folder with `trust_remote_code=True`."""
     out_dir = Path(out_dir)
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out_dir, safe_serialization=True)
+    write_remote_code(out_dir)
     if recipe_yaml is not None:
         (out_dir / RECIPE_FILE).write_text(recipe_yaml)
     return out_dir

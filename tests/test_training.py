@@ -138,8 +138,13 @@ def test_missing_data_is_a_one_line_error(tmp_path):
 
 def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` really runs two gloo DDP processes on CPU."""
+    import socket
+
+    with socket.socket() as s:  # a free port, so concurrent runs never share a rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
            "-m", "diffseg_cli", "train", "--recipe", "fashion-cpu", "--output-dir", str(tmp_path),
            "--max-steps", "3"] + [a for o in TINY_TRAIN for a in ("--set", o)]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
