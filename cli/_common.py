@@ -14,7 +14,7 @@ DEBUG_VAR = "DIFFSEG_DEBUG"
 
 
 def command(group: typer.Typer, name: str | None = None, **kwargs) -> Callable:
-    """`group.command` that turns a DiffsegError into one line on stderr and exit code 2."""
+    """`group.command` that turns a DiffsegError into one line on stderr and its exit code (2; 130 for Ctrl-C)."""
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args, **kw):
@@ -23,8 +23,11 @@ def command(group: typer.Typer, name: str | None = None, **kwargs) -> Callable:
             except DiffsegError as e:
                 if os.environ.get(DEBUG_VAR):
                     raise
-                typer.echo(f"error: {e}  (set {DEBUG_VAR}=1 for the traceback)", err=True)
-                raise typer.Exit(2) from None
+                if e.exit_code == 2:
+                    typer.echo(f"error: {e}  (set {DEBUG_VAR}=1 for the traceback)", err=True)
+                else:
+                    typer.echo(str(e), err=True)
+                raise typer.Exit(e.exit_code) from None
         return group.command(name, **kwargs)(wrapper)
     return decorate
 

@@ -8,6 +8,8 @@ class DiffsegError(Exception):
     """A user error: bad recipe, missing data, bad checkpoint, bad flag. Its message is one line
     that names the bad field, file or flag and says how to fix it."""
 
+    exit_code = 2  # what the CLI exits with
+
 
 class RecipeError(DiffsegError):
     """A recipe file or override is invalid."""

@@ -49,6 +49,8 @@ class TrainingDiverged(DiffsegError):
 class TrainingInterrupted(DiffsegError):
     """Ctrl-C: a checkpoint was saved before exiting."""
 
+    exit_code = 130  # the shell's code for SIGINT
+
 
 @dataclass
 class TrainState:
@@ -56,13 +58,16 @@ class TrainState:
 
     step: int = 0
     images_seen: int = 0
+    train_seconds: float = 0.0  # wall time of the training loop over all runs, up to the last checkpoint
     history: list = field(default_factory=list)  # (step, loss) at each log point
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "images_seen": self.images_seen, "history": list(self.history)}
+        return {"step": self.step, "images_seen": self.images_seen, "train_seconds": self.train_seconds,
+                "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.images_seen, self.history = state["step"], state["images_seen"], list(state["history"])
+        self.train_seconds = state.get("train_seconds", 0.0)
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -167,6 +172,14 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
     bar = tqdm(total=stop_at, initial=state.step, disable=not (progress and accelerator.is_local_main_process),
                desc="train", unit="step", dynamic_ncols=True)
     started, start_step, last_loss = time.perf_counter(), state.step, float("nan")
+    clock = [started]  # last time train_seconds was brought up to date
+
+    def checkpoint() -> Path:
+        now = time.perf_counter()
+        state.train_seconds += now - clock[0]
+        clock[0] = now
+        return save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+
     last_checkpoint = resume_from
     unet.train()
     try:
@@ -202,12 +215,12 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
             bar.update()
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < stop_at:
-                last_checkpoint = save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+                last_checkpoint = checkpoint()
             if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < stop_at:
                 _sample_grid(accelerator, unet, ema, noise_scheduler, recipe, output_dir, state.step)
     except KeyboardInterrupt:
         bar.close()
-        path = save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+        path = checkpoint()
         raise TrainingInterrupted(f"interrupted at step {state.step}; saved {path}; continue with "
                                   f"`--resume latest --output-dir {output_dir}`") from None
     bar.close()
@@ -215,12 +228,13 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
 
     # 4. final checkpoint (so --resume latest --max-steps M extends the run), pipeline with EMA weights
     if not list_checkpoints(output_dir) or list_checkpoints(output_dir)[-1].name != f"{CHECKPOINT_PREFIX}{state.step}":
-        save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+        checkpoint()
     checksums = accelerator.gather(torch.tensor([_weights_checksum(accelerator.unwrap_model(unet))],
                                                 dtype=torch.float64, device=accelerator.device)).tolist()
     summary = {"recipe": recipe.name, "steps": state.step, "images_seen": state.images_seen,
                "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
                "wall_time_s": round(elapsed, 2), "steps_this_run": state.step - start_step,
+               "train_seconds_total": round(state.train_seconds + time.perf_counter() - clock[0], 2),
                "images_per_s": round((state.step - start_step) * cfg.batch_size * accum * accelerator.num_processes
                                      / max(elapsed, 1e-9), 2),
                "last_loss": last_loss, "loss_history": state.history, "rank_weight_checksums": checksums}

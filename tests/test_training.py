@@ -155,3 +155,26 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
     assert summary["images_seen"] == 3 * 4 * 2  # each process took its own shard of the global batch
     a, b = summary["rank_weight_checksums"]
     assert a == b
+
+
+def test_ctrl_c_through_the_cli_exits_130_and_total_time_accumulates(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from diffseg_cli.app import app
+    import diffseg_hf.training as training
+
+    real_train = training.train
+
+    def interrupted_train(*args, **kwargs):
+        kwargs["step_callback"] = lambda step, loss: os.kill(os.getpid(), signal.SIGINT) if step == 1 else None
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train", interrupted_train)
+    args = ["train", "--recipe", "fashion-cpu", "--output-dir", str(tmp_path), "--max-steps", "3"]
+    args += [a for o in TINY_TRAIN for a in ("--set", o)]
+    result = CliRunner().invoke(app, args)
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 130 and last.startswith("interrupted at step") and "error" not in last, last
+    monkeypatch.setattr(training, "train", real_train)
+    summary = train(load_recipe("fashion-cpu", TINY_TRAIN), tmp_path, resume="latest", max_steps=3, progress=False)
+    assert summary["steps"] == 3 and summary["train_seconds_total"] >= summary["wall_time_s"] > 0
