@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import typer
 
-from . import ddpm, hub, segment
+from . import ddpm, evaluate, hub, segment
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train DDPMs with diffusers and turn their decoder features into segmenters.")
-for module in (ddpm, hub):
+for module in (ddpm, hub, evaluate):
     app.registered_commands += module.app.registered_commands
+    app.registered_groups += module.app.registered_groups
 app.add_typer(segment.app, name="segment")
 
 

@@ -10,7 +10,9 @@ S. ``FeatureBatch.block_sizes`` records the native (h, w) of every hooked block.
 Protocol as in the reference (Baranchuk et al. 2021, yandex-research/ddpm-segmentation
 ``src/feature_extractors.py`` and ``train_interpreter.py``): one fixed noise tensor for all images and
 steps, x_t = q_sample(x0, t, noise), each activation upsampled bilinearly (align_corners=False) to the
-image size and concatenated step-major (all blocks of t0, then all blocks of t1, ...).
+image size and concatenated step-major (all blocks of t0, then all blocks of t1, ...). That arithmetic is
+defined once in ``diffseg_hf.remote.pipeline_diffseg_segmentation`` (the file segmentation pipelines ship);
+this module owns the hooks and the user-error checks.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers import SchedulerMixin, UNet2DModel
 
 from diffseg_hf.errors import DiffsegError
+from diffseg_hf.remote.pipeline_diffseg_segmentation import (NOISE_PROTOCOLS, add_upsampled, block_output,
+                                                             feature_offsets, noised_forwards)
 
-NOISE_PROTOCOLS = ("fixed", "mean")
+__all__ = ["NOISE_PROTOCOLS", "FeatureBatch", "FeatureExtractor"]
 
 
 @dataclass
@@ -44,15 +47,6 @@ class FeatureBatch:
                 return slice(start, start + channels)
             start += channels
         raise KeyError(f"({timestep}, {block!r}) is not in the layout {self.layout}")
-
-
-def _first_tensor(output: object) -> torch.Tensor:
-    """A block's output tensor: down blocks return (h, skips), up blocks return h."""
-    if isinstance(output, (tuple, list)):
-        output = output[0]
-    sample = getattr(output, "sample", output)
-    assert isinstance(sample, torch.Tensor), f"hooked block returned {type(output).__name__}"
-    return sample
 
 
 class FeatureExtractor:
@@ -124,7 +118,7 @@ class FeatureExtractor:
 
     def _make_hook(self, name: str):
         def hook(module: torch.nn.Module, inputs: object, output: object) -> None:
-            self._acts[name] = _first_tensor(output).detach()
+            self._acts[name] = block_output(output).detach()
 
         return hook
 
@@ -152,17 +146,13 @@ class FeatureExtractor:
         return sum(c for _, _, c in self.layout)
 
     # extraction -------------------------------------------------------------------------------------
-    def _noise(self, shape: tuple[int, ...], draw: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed + draw)
-        return torch.randn((1, *shape[1:]), generator=generator)  # (1, C, H, W)
-
-    def _run_forward(self, x: torch.Tensor, timesteps: list[int]) -> dict[str, torch.Tensor]:
+    def _run_forward(self, x: torch.Tensor, timesteps: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
         """One UNet forward on rows x with their timesteps; the hooked activations by block name."""
         if not self._handles:
             with self:
                 return self._run_forward(x, timesteps)
         unet = self.unet
-        t = torch.tensor(timesteps, dtype=torch.long, device=unet.device)  # (B,)
+        t = torch.as_tensor(timesteps, dtype=torch.long, device=unet.device)  # (B,)
         was_training = unet.training
         unet.eval()
         try:
@@ -176,29 +166,6 @@ class FeatureExtractor:
         assert not missing, f"blocks {missing} did not run in the forward (torch.compile drops hooks)"
         return acts
 
-    def _noised(self, x0: torch.Tensor, noise: torch.Tensor, steps: list[int]) -> torch.Tensor:
-        """x_t for each image and step, image-major: row n*T + k is image n at steps[k]."""
-        n, T = x0.shape[0], len(steps)
-        x0 = x0.float().repeat_interleave(T, dim=0)  # (N*T, C, H, W)
-        t = torch.tensor(steps, dtype=torch.long).repeat(n)  # (N*T,)
-        return self.scheduler.add_noise(x0, noise.to(x0.device).expand_as(x0), t)
-
-    def _fill(self, out: torch.Tensor, acts: dict[str, torch.Tensor], rows: slice, steps: list[int]) -> None:
-        """Upsample the activations of images ``rows`` at ``steps`` and add them into ``out``."""
-        n, size = rows.stop - rows.start, out.shape[-2:]
-        channels = self.channels_per_block
-        offsets, start = {}, 0
-        for t, name, c in self.layout:
-            offsets[t, name], start = start, start + c
-        for name in self.blocks:
-            a = acts[name].float()  # (n*len(steps), C, h, w)
-            if a.shape[-2:] != size:
-                a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
-            a = a.view(n, len(steps), channels[name], *size).to(out.device)
-            for k, t in enumerate(steps):
-                o = offsets[t, name]
-                out[rows, o : o + channels[name]] += a[:, k]
-
     def _extract(self, images: torch.Tensor, per_timestep: bool) -> FeatureBatch:
         if not self._handles:  # outside `with`: hooks for this call only
             with self:
@@ -209,22 +176,17 @@ class FeatureExtractor:
         lo, hi = float(images.min()), float(images.max())
         if lo < -1.001 or hi > 1.001:
             raise DiffsegError(f"images must be scaled to [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; use x * 2 - 1")
-        n = images.shape[0]
         size = self.upsample_to or tuple(images.shape[-2:])
         acc_dtype = self.dtype if self.num_noise_draws == 1 else torch.float32
-        out = torch.zeros(n, self.feature_dim, *size, dtype=acc_dtype)  # (N, D, H, W)
-        sizes: dict[str, tuple[int, int]] = {}
-        step = self.batch_size or n
+        out = torch.zeros(images.shape[0], self.feature_dim, *size, dtype=acc_dtype)  # (N, D, H, W)
+        offsets = feature_offsets(self.channels_per_block, self.blocks, self.timesteps)
         groups = [[t] for t in self.timesteps] if per_timestep else [self.timesteps]
-        for draw in range(self.num_noise_draws):
-            noise = self._noise(tuple(images.shape), draw)  # (1, C, H, W)
-            for start in range(0, n, step):
-                rows = slice(start, min(start + step, n))
-                for steps in groups:
-                    x_t = self._noised(images[rows], noise, steps)  # (n*len(steps), C, H, W)
-                    acts = self._run_forward(x_t, steps * (rows.stop - rows.start))
-                    sizes = {name: tuple(a.shape[-2:]) for name, a in acts.items()}
-                    self._fill(out, acts, rows, steps)
+        sizes: dict[str, tuple[int, int]] = {}
+        for rows, steps, acts in noised_forwards(self._run_forward, self.scheduler, images, step_groups=groups,
+                                                 noise_seed=self.seed, num_noise_draws=self.num_noise_draws,
+                                                 batch_size=self.batch_size):
+            sizes = {name: tuple(a.shape[-2:]) for name, a in acts.items()}
+            add_upsampled(out, acts, self.blocks, rows, steps, offsets)
         if self.num_noise_draws > 1:
             out /= self.num_noise_draws
         return FeatureBatch(out.to(self.dtype), self.layout, dict(self.channels_per_block), sizes)

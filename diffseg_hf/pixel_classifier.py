@@ -1,5 +1,7 @@
 """The reference pixel classifier (an ensemble of small MLPs) as ONE vectorized module, trained in one
-loop, fed from a memory-bounded pixel store, saved as safetensors + JSON.
+loop, fed from a memory-bounded pixel store, saved as safetensors + JSON. The stacked layers, ``vote`` and
+the chunked prediction loop are defined once in ``diffseg_hf.remote.pixel_ensemble`` (the file segmentation
+pipelines ship) and imported here.
 
 Reference: Baranchuk et al. 2021, yandex-research/ddpm-segmentation ``src/pixel_classifier.py`` and
 ``train_interpreter.py`` (itself adopted from nv-tlabs/datasetGAN_release).
@@ -17,6 +19,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffseg_hf.errors import CheckpointError, DataError
+from diffseg_hf.remote.pixel_ensemble import (StackedBatchNorm, StackedLinear, predict_in_chunks, run_stacked,
+                                              stacked_mlp, vote)
+
+__all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "member_hidden_sizes", "StackedLinear", "StackedBatchNorm", "PixelEnsemble",
+           "drop_small_classes", "PixelStore", "fit_ensemble", "fit_members_sequential", "vote", "predict",
+           "save_classifier", "load_classifier"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "classifier_config.json"
@@ -25,52 +33,6 @@ CONFIG_NAME = "classifier_config.json"
 def member_hidden_sizes(num_classes: int) -> tuple[int, int]:
     """Hidden widths of one member: (128, 32), or (256, 128) when num_classes >= 30 (the reference)."""
     return (128, 32) if num_classes < 30 else (256, 128)
-
-
-class StackedLinear(nn.Module):
-    """E independent Linear layers; weight (E, in, out), i.e. each member's ``nn.Linear.weight.T``."""
-
-    def __init__(self, num_members: int, in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(num_members, in_features, out_features))
-        self.bias = nn.Parameter(torch.zeros(num_members, 1, out_features))
-
-    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
-        w, b = self.weight, self.bias  # (E, in, out), (E, 1, out)
-        if members is not None:
-            w, b = w[members], b[members]
-        if x.dim() == 2:  # (B, in) shared by all members: one (B, in) @ (in, E*out) matmul
-            e, d, o = w.shape
-            y = (x @ w.permute(1, 0, 2).reshape(d, e * o)).view(-1, e, o).transpose(0, 1)
-            return y + b  # (E, B, out)
-        return torch.baddbmm(b, x, w)  # (E, B, out)
-
-
-class StackedBatchNorm(nn.Module):
-    """E independent BatchNorm1d layers (same eps, momentum and running-stat rule as nn.BatchNorm1d)."""
-
-    def __init__(self, num_members: int, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
-        super().__init__()
-        self.eps, self.momentum = eps, momentum
-        self.weight = nn.Parameter(torch.ones(num_members, 1, num_features))
-        self.bias = nn.Parameter(torch.zeros(num_members, 1, num_features))
-        self.register_buffer("running_mean", torch.zeros(num_members, 1, num_features))
-        self.register_buffer("running_var", torch.ones(num_members, 1, num_features))
-        self.register_buffer("num_batches_tracked", torch.zeros(num_members, dtype=torch.long))
-
-    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
-        idx = torch.arange(x.shape[0], device=x.device) if members is None else members  # (E',)
-        if self.training:
-            assert x.shape[1] > 1, f"batch norm needs > 1 pixel per batch, got {x.shape[1]}"
-            var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)  # (E', 1, F)
-            with torch.no_grad():  # running stats with the unbiased variance, as nn.BatchNorm1d
-                m, n = self.momentum, x.shape[1]
-                self.running_mean[idx] = (1 - m) * self.running_mean[idx] + m * mean
-                self.running_var[idx] = (1 - m) * self.running_var[idx] + m * var * n / (n - 1)
-                self.num_batches_tracked[idx] += 1
-        else:
-            mean, var = self.running_mean[idx], self.running_var[idx]
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight[idx] + self.bias[idx]
 
 
 class PixelEnsemble(nn.Module):
@@ -82,21 +44,14 @@ class PixelEnsemble(nn.Module):
         super().__init__()
         self.hidden = tuple(hidden or member_hidden_sizes(num_classes))
         self.num_members, self.in_features, self.num_classes = num_members, in_features, num_classes
-        sizes = (in_features, *self.hidden)
-        layers: list[nn.Module] = []
-        for d_in, d_out in zip(sizes[:-1], sizes[1:]):
-            layers += [StackedLinear(num_members, d_in, d_out), nn.ReLU(), StackedBatchNorm(num_members, d_out)]
-        layers.append(StackedLinear(num_members, sizes[-1], num_classes))
-        self.layers = nn.Sequential(*layers)  # same indices as each member's nn.Sequential
+        self.layers = stacked_mlp(num_members, in_features, self.hidden, num_classes)  # indices as each member's
 
     def architecture(self) -> dict[str, object]:
         return {"num_members": self.num_members, "in_features": self.in_features,
                 "hidden": list(self.hidden), "num_classes": self.num_classes}
 
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x) if isinstance(layer, nn.ReLU) else layer(x, members)
-        return x  # (E, B, C); E' = len(members) when members are given
+        return run_stacked(self.layers, x, members)  # (E, B, C); E' = len(members) when members are given
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
@@ -390,49 +345,26 @@ def fit_members_sequential(features: torch.Tensor, labels: torch.Tensor, *, num_
 
 
 # prediction -----------------------------------------------------------------------------------------
-def vote(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Majority vote of the members' argmaxes (ties go to the LOWEST class index) and uncertainty =
-    entropy of the mean softmax minus the mean member entropy (>= 0; clamped against rounding)."""
-    e, _, c = logits.shape  # (E, P, C)
-    counts = F.one_hot(logits.argmax(-1), c).sum(0)  # (P, C)
-    labels = counts.argmax(-1)  # (P,) torch.argmax returns the first maximal index
-    probs = logits.softmax(-1)  # (E, P, C)
-    member_entropy = -(probs * logits.log_softmax(-1)).sum(-1).mean(0)  # (P,)
-    # Provenance: ddpm-segmentation predict_labels: js = H(mean softmax) - mean(H(member)).
-    mean_entropy = torch.special.entr(probs.mean(0)).sum(-1)  # (P,)
-    return labels, (mean_entropy - member_entropy).clamp_min(0.0)
-
-
 @torch.no_grad()
 def predict(ensemble: PixelEnsemble, features: torch.Tensor, *, chunk: int = 65536
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels (int64) and uncertainty (float32) for features (N, D, H, W) -> (N, H, W) or (P, D) -> (P,),
-    computed ``chunk`` pixels at a time (whole images grouped when an image fits in a chunk)."""
+    computed ``chunk`` pixels at a time (whole images grouped when an image fits in a chunk); ``vote``
+    combines the members."""
     was_training = ensemble.training
     ensemble.eval()
     device, dtype = ensemble.layers[0].weight.device, ensemble.layers[0].weight.dtype
     flat = features.dim() == 2
     x = features if not flat else features.T[None, :, :, None]  # (N, D, H, W)
-    n, d, h, w = x.shape
+    d = x.shape[1]
     assert d == ensemble.in_features, f"features have D={d}, classifier expects {ensemble.in_features}"
-    labels = torch.empty(n, h * w, dtype=torch.long)
-    uncertainty = torch.empty(n, h * w)
-    per_image = max(1, chunk // (h * w))
-    pix = min(chunk, h * w)
     try:
-        for i in range(0, n, per_image):
-            group = x[i : i + per_image].flatten(2)  # (g, D, H*W)
-            for s in range(0, h * w, pix):
-                xc = group[:, :, s : s + pix].permute(0, 2, 1).reshape(-1, d)  # (g*pix, D)
-                lab, unc = vote(ensemble(xc.to(device, dtype)).float())
-                g = group.shape[0]
-                labels[i : i + g, s : s + pix] = lab.view(g, -1).cpu()
-                uncertainty[i : i + g, s : s + pix] = unc.view(g, -1).cpu()
+        labels, uncertainty = predict_in_chunks(lambda xc: ensemble(xc.to(device, dtype)), x, chunk=chunk)
     finally:
         ensemble.train(was_training)
     if flat:
         return labels.view(-1), uncertainty.view(-1)
-    return labels.view(n, h, w), uncertainty.view(n, h, w)
+    return labels, uncertainty  # (N, H, W)
 
 
 # save / load ----------------------------------------------------------------------------------------

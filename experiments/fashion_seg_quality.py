@@ -27,10 +27,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--merge", type=Path, nargs="*", default=None,
+                    help="only summarize the results.json of these earlier --out folders (seeds run in parallel)")
     args = ap.parse_args()
 
     rows = []
-    for seed in args.seeds:
+    for folder in args.merge or []:
+        rows += json.loads((folder / "results.json").read_text())["rows"]
+    for seed in ([] if args.merge else args.seeds):
         recipe = load_recipe(args.recipe, args.overrides + [f"segment.seed={seed}"])
         folder = args.out / f"seed-{seed}"
         started = time.perf_counter()

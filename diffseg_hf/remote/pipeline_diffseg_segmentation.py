@@ -3,15 +3,16 @@ features and a pixel-MLP ensemble. ONE file that imports only torch, numpy and d
 root of segmentation pipeline folders. Never import diffseg_hf here.
 
 Feature protocol as in the reference (Baranchuk et al. 2021, yandex-research/ddpm-segmentation
-``src/feature_extractors.py``) and as `diffseg_hf.features.FeatureExtractor` computes it: one fixed noise
-tensor for all images and steps, x_t = q_sample(x0, t, noise), one UNet forward per image batch holding all
-timesteps, each hooked activation upsampled bilinearly (align_corners=False) to the image size and
-concatenated step-major (all blocks of t0, then all blocks of t1, ...).
+``src/feature_extractors.py``): one fixed noise tensor for all images and steps, x_t = q_sample(x0, t, noise),
+one UNet forward per image batch holding all timesteps, each hooked activation upsampled bilinearly
+(align_corners=False) to the image size and concatenated step-major (all blocks of t0, then all blocks of t1,
+...). The protocol's arithmetic (`fixed_noise`, `noised_batch`, `noised_forwards`, `feature_offsets`,
+`add_upsampled`) is defined here once; `diffseg_hf.features.FeatureExtractor` imports it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,8 @@ from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 
+NOISE_PROTOCOLS = ("fixed", "mean")
+
 
 @dataclass
 class DiffsegSegmentationPipelineOutput(BaseOutput):
@@ -29,11 +32,72 @@ class DiffsegSegmentationPipelineOutput(BaseOutput):
     uncertainty: torch.Tensor | np.ndarray  # (N, H, W) float32 ensemble disagreement (0 = all members agree)
 
 
-def _output_tensor(output: object) -> torch.Tensor:
+# feature protocol -------------------------------------------------------------------------------------
+def block_output(output: object) -> torch.Tensor:
     """A block's output tensor: down blocks return (h, skips), up blocks return h."""
     if isinstance(output, (tuple, list)):
         output = output[0]
-    return getattr(output, "sample", output)
+    sample = getattr(output, "sample", output)
+    assert isinstance(sample, torch.Tensor), f"hooked block returned {type(output).__name__}"
+    return sample
+
+
+def fixed_noise(shape: Sequence[int], seed: int, draw: int = 0) -> torch.Tensor:
+    """The noise of draw ``draw`` for images of ``shape`` (N, C, H, W): one (1, C, H, W) tensor seeded seed + draw."""
+    generator = torch.Generator().manual_seed(seed + draw)
+    return torch.randn((1, *shape[1:]), generator=generator)  # (1, C, H, W)
+
+
+def noised_batch(scheduler: SchedulerMixin, x0: torch.Tensor, noise: torch.Tensor, steps: Sequence[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t (n*T, C, H, W) float32 and t (n*T,) for images x0 (n, C, H, W) at T steps, image-major: row i*T + k
+    is image i at steps[k]."""
+    n, T = x0.shape[0], len(steps)
+    x0 = x0.float().repeat_interleave(T, dim=0)  # (n*T, C, H, W)
+    t = torch.tensor(steps, dtype=torch.long).repeat(n)  # (n*T,)
+    return scheduler.add_noise(x0, noise.to(x0.device).expand_as(x0), t), t
+
+
+def noised_forwards(run: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+                    scheduler: SchedulerMixin, images: torch.Tensor, *, step_groups: Sequence[Sequence[int]],
+                    noise_seed: int, num_noise_draws: int, batch_size: int | None
+                    ) -> Iterator[tuple[slice, list[int], dict[str, torch.Tensor]]]:
+    """For each noise draw, batch of ``batch_size`` images (None: all) and group of steps: (rows, steps,
+    ``run(x_t, t)``), where ``run`` does one UNet forward and returns the hooked activations by block name."""
+    n = images.shape[0]
+    step = batch_size or n
+    for draw in range(num_noise_draws):
+        noise = fixed_noise(images.shape, noise_seed, draw)  # (1, C, H, W)
+        for start in range(0, n, step):
+            rows = slice(start, min(start + step, n))
+            for steps in step_groups:
+                x_t, t = noised_batch(scheduler, images[rows], noise, steps)  # (n*T', C, H, W), (n*T',)
+                yield rows, list(steps), run(x_t, t)
+
+
+def feature_offsets(channels: dict[str, int], blocks: Sequence[str], timesteps: Sequence[int]
+                    ) -> dict[tuple[int, str], int]:
+    """First channel of each (timestep, block) in the step-major concatenation."""
+    offsets, start = {}, 0
+    for t in timesteps:
+        for name in blocks:
+            offsets[t, name], start = start, start + channels[name]
+    return offsets
+
+
+def add_upsampled(out: torch.Tensor, acts: dict[str, torch.Tensor], blocks: Sequence[str], rows: slice,
+                  steps: Sequence[int], offsets: dict[tuple[int, str], int]) -> None:
+    """Upsample the activations of images ``rows`` at ``steps`` (image-major rows, as ``noised_batch``)
+    bilinearly to out's (H, W) and add them into out (N, D, H, W) at their channels."""
+    n, size = rows.stop - rows.start, out.shape[-2:]
+    for name in blocks:
+        a = acts[name].float()  # (n*T', C_block, h, w)
+        if a.shape[-2:] != size:
+            a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
+        a = a.view(n, len(steps), a.shape[1], *size).to(out.device)  # (n, T', C_block, H, W)
+        for k, t in enumerate(steps):
+            o = offsets[t, name]
+            out[rows, o : o + a.shape[2]] += a[:, k]
 
 
 @torch.no_grad()
@@ -45,41 +109,31 @@ def decoder_features(unet: UNet2DModel, scheduler: SchedulerMixin, images: torch
     unknown = [b for b in blocks if b not in modules or not b]
     if unknown:
         raise ValueError(f"unknown feature blocks {unknown}; use names from unet.named_modules()")
-    if noise not in ("fixed", "mean") or num_noise_draws < 1 or (noise == "fixed" and num_noise_draws != 1):
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f"feature blocks {list(blocks)} must be distinct")
+    if noise not in NOISE_PROTOCOLS or num_noise_draws < 1 or (noise == "fixed" and num_noise_draws != 1):
         raise ValueError(f"noise={noise!r} with num_noise_draws={num_noise_draws}: use 'fixed' with 1 or 'mean'")
     acts: dict[str, torch.Tensor] = {}
-    handles = [modules[b].register_forward_hook(lambda m, i, o, b=b: acts.__setitem__(b, _output_tensor(o)))
+    handles = [modules[b].register_forward_hook(lambda m, i, o, b=b: acts.__setitem__(b, block_output(o)))
                for b in blocks]
-    n, size, steps = images.shape[0], images.shape[-2:], [int(t) for t in timesteps]
-    step = batch_size or n
+
+    def run(x_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        unet(x_t.to(unet.device, unet.dtype), t.to(unet.device))
+        return acts
+
+    steps = [int(t) for t in timesteps]
     out: torch.Tensor | None = None
     was_training = unet.training
     unet.eval()
     try:
-        for draw in range(num_noise_draws):
-            gen = torch.Generator().manual_seed(noise_seed + draw)
-            eps = torch.randn((1, *images.shape[1:]), generator=gen)  # (1, C, H, W)
-            for start in range(0, n, step):
-                x0 = images[start : start + step].float()
-                b = x0.shape[0]
-                x0 = x0.repeat_interleave(len(steps), dim=0)  # (b*T, C, H, W), image-major
-                t = torch.tensor(steps, dtype=torch.long).repeat(b)  # (b*T,)
-                x_t = scheduler.add_noise(x0, eps.expand_as(x0), t)
-                unet(x_t.to(unet.device, unet.dtype), t.to(unet.device))
-                per_block = {}
-                for name in blocks:
-                    a = acts[name].float()  # (b*T, C_block, h, w)
-                    if a.shape[-2:] != size:
-                        a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
-                    per_block[name] = a.view(b, len(steps), a.shape[1], *size).cpu()
-                # step-major: all blocks of t0, then all blocks of t1, ...
-                feats = [per_block[name][:, k] for k in range(len(steps)) for name in blocks]
-                if out is None:
-                    out = torch.zeros(n, sum(f.shape[1] for f in feats), *size)  # (N, D, H, W)
-                offset = 0
-                for f in feats:
-                    out[start : start + b, offset : offset + f.shape[1]] += f
-                    offset += f.shape[1]
+        for rows, group, block_acts in noised_forwards(run, scheduler, images, step_groups=[steps],
+                                                        noise_seed=noise_seed, num_noise_draws=num_noise_draws,
+                                                        batch_size=batch_size):
+            if out is None:  # the channels are known after the first forward
+                channels = {name: block_acts[name].shape[1] for name in blocks}
+                offsets = feature_offsets(channels, blocks, steps)
+                out = torch.zeros(images.shape[0], sum(channels.values()) * len(steps), *images.shape[-2:])
+            add_upsampled(out, block_acts, blocks, rows, group, offsets)  # out: (N, D, H, W)
     finally:
         for h in handles:
             h.remove()
