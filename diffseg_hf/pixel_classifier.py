@@ -141,8 +141,8 @@ class PixelStore:
     """
 
     def __init__(self, feature_dim: int, num_classes: int, *, max_pixels: int | None = None,
-                 memory_mb: float = 1024.0, ignore_index: int = 255, min_class_pixels: int = 20,
-                 seed: int = 0) -> None:
+                 memory_mb: float = 512.0, ignore_index: int = 255, min_class_pixels: int = 20,
+                 seed: int = 0, expected_pixels: int | None = None) -> None:
         top = max(num_classes - 1, ignore_index)
         self.label_dtype = torch.uint8 if 0 <= ignore_index and top <= 255 else torch.int16
         bytes_per_pixel = 2 * feature_dim + self.label_dtype.itemsize
@@ -152,8 +152,10 @@ class PixelStore:
         self.min_class_pixels = min_class_pixels
         self.seen = 0  # labelled pixels offered so far
         self.size = 0  # pixels held
-        self._features = torch.empty(0, feature_dim, dtype=torch.float16)  # (capacity, D)
-        self._labels = torch.empty(0, dtype=self.label_dtype)  # (capacity,)
+        # allocate once when the caller knows how many pixels will come (no grow-and-copy peak)
+        capacity = min(self.max_pixels, expected_pixels) if expected_pixels else 0
+        self._features = torch.empty(capacity, feature_dim, dtype=torch.float16)  # (capacity, D)
+        self._labels = torch.empty(capacity, dtype=self.label_dtype)  # (capacity,)
         self._generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:

@@ -124,7 +124,7 @@ class SegmentConfig:
     max_epochs: int = 100
     patience: int = 50  # batches without a new best loss before a member stops (after min_epochs)
     min_epochs: int = 4
-    memory_mb: float = 1024.0  # cap on stored pixel features (float16); beyond it pixels are subsampled
+    memory_mb: float = 512.0  # cap on stored pixel features (float16); beyond it pixels are subsampled
     seed: int = 0  # classifier initialisation and shuffling
     baseline_steps: int = 2000  # supervised baseline (a U-Net from scratch on the same labelled images)
     baseline_batch_size: int = 8

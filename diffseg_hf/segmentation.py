@@ -30,6 +30,7 @@ from .pipeline import load_model_and_scheduler
 from .pixel_classifier import PixelEnsemble, PixelStore, fit_ensemble, load_classifier, predict, save_classifier
 
 FASHION_SEG_TEST_SEED = 12345  # test canvases never change with the label seed
+FEATURE_BATCH_MB = 256  # fp32 features of one extraction batch when fitting
 
 
 def _fashion_seg(split: str, *, num_images: int, resolution: int, path: str | None, hub_id: str | None,
@@ -123,13 +124,20 @@ def fit_segmenter(unet: UNet2DModel, scheduler: DDPMScheduler, train: Segmentati
                   blocks: Sequence[str] | None = None, timesteps: Sequence[int] = (50, 150, 250),
                   noise: str = "fixed", num_noise_draws: int = 1, noise_seed: int = 0, num_members: int = 10,
                   batch_size: int = 64, lr: float = 1e-3, max_epochs: int = 100, patience: int = 50,
-                  min_epochs: int = 4, memory_mb: float = 1024.0, seed: int = 0, image_batch: int = 8,
+                  min_epochs: int = 4, memory_mb: float = 512.0, seed: int = 0, image_batch: int | None = None,
                   progress: bool = False) -> tuple[Segmenter, dict]:
-    """Fit the pixel ensemble on `train`'s labelled pixels; returns the segmenter and fitting statistics."""
+    """Fit the pixel ensemble on `train`'s labelled pixels; returns the segmenter and fitting statistics.
+
+    Memory stays bounded: features go image batch by image batch (`image_batch`; default: as many images as
+    fit in FEATURE_BATCH_MB of fp32 features) into a `PixelStore` capped at `memory_mb` of float16 features."""
     _check_masks(train)
     extractor = FeatureExtractor(unet, scheduler, blocks=blocks, timesteps=timesteps, noise=noise,
                                  num_noise_draws=num_noise_draws, seed=noise_seed)
-    store = PixelStore(extractor.feature_dim, train.num_classes, memory_mb=memory_mb, seed=seed)
+    pixels_per_image = train.images.shape[-1] * train.images.shape[-2]
+    if image_batch is None:
+        image_batch = max(1, min(8, int(FEATURE_BATCH_MB * 2**20) // (4 * extractor.feature_dim * pixels_per_image)))
+    store = PixelStore(extractor.feature_dim, train.num_classes, memory_mb=memory_mb, seed=seed,
+                       expected_pixels=len(train) * pixels_per_image)
     with extractor:
         for start in range(0, len(train), image_batch):
             part = train.subset(slice(start, start + image_batch))

@@ -247,3 +247,15 @@ def test_load_errors_name_the_file(tmp_path):
         load_classifier(folder)
     with pytest.raises(CheckpointError, match="not JSON"):
         save_classifier(folder, PixelEnsemble(2, 6, 3), {"dtype": torch.float32})
+
+
+def test_store_preallocates_when_the_pixel_count_is_known():
+    from diffseg_hf.pixel_classifier import PixelStore
+
+    store = PixelStore(8, 3, max_pixels=300, expected_pixels=4 * 100, min_class_pixels=0)
+    allocated = store.nbytes
+    assert allocated == 300 * (8 * 2 + 1)  # capped at max_pixels, allocated up front
+    for i in range(4):
+        store.add(torch.randn(8, 10, 10), torch.randint(0, 3, (10, 10)))
+        assert store.nbytes == allocated  # never grows (no grow-and-copy peak)
+    assert len(store) == 300 and store.seen == 400
