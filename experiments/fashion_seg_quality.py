@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--reuse-baseline", type=Path, default=None,
+                    help="an earlier --out folder: copy its seed-S/baseline instead of retraining it (the baseline "
+                         "does not depend on the DDPM: same labelled canvases and seed give the same network)")
     ap.add_argument("--merge", type=Path, nargs="*", default=None,
                     help="only summarize the results.json of these earlier --out folders (seeds run in parallel)")
     args = ap.parse_args()
@@ -38,7 +42,9 @@ def main() -> None:
         recipe = load_recipe(args.recipe, args.overrides + [f"segment.seed={seed}"])
         folder = args.out / f"seed-{seed}"
         started = time.perf_counter()
-        fit = fit_from_recipe(recipe, args.model, folder)
+        fit = fit_from_recipe(recipe, args.model, folder, baseline=args.reuse_baseline is None)
+        if args.reuse_baseline is not None:
+            shutil.copytree(args.reuse_baseline / f"seed-{seed}" / "baseline", folder / "baseline", dirs_exist_ok=True)
         result = evaluate_classifier(folder)
         rows.append({"seed": seed, "miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
                      "baseline_miou": result["baseline"]["miou"],
