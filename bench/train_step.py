@@ -1,0 +1,296 @@
+"""Training step: each UNet variant vs the stock `UNet2DModel` of the same configuration, fp32 and bf16
+autocast; img/s, ratios, peak memory, achieved GFLOP/s against the matmul ceiling measured in the same run;
+and whether bf16 reaches the fp32 training loss after the same steps (within the fp32 run-to-run spread).
+
+    python bench/train_step.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/train_step.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+
+from bench.common import (cli, count_flops, log, machine_state, matmul_ceiling, profile_ops, report, result,
+                          run_child, target, time_interleaved)
+from diffseg_hf.data import TrainBatches, load_images
+from diffseg_hf.models import DiffsegUNet2DModel, count_parameters
+from diffseg_hf.recipe import load_recipe
+from diffseg_hf.schedule import make_scheduler
+from diffseg_hf.training import diffusion_loss
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# accelerate's mixed_precision values -> our precision names (None: the launcher's default, "no")
+RECIPE_PRECISION = {None: "fp32", "no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclass(frozen=True)
+class Config:
+    recipe: str = "fashion-cpu"  # its model section is the equal config; its train.mixed_precision the default
+    batch_size: int = 64
+    variants: tuple[str, ...] = ("stock", "resnet", "adagn", "convnext")
+    precisions: tuple[str, ...] = ("fp32", "bf16")
+    warmup: int = 2
+    repeats: int = 7
+    memory: bool = True  # peak RSS of each variant in a fresh subprocess
+    ceiling_n: int = 2048
+    ceiling_repeats: int = 5
+    convnext_tolerance: float = 0.05  # parameter count within 5% of the baseline's
+    loss_steps: int = 100
+    loss_batch_size: int = 64
+    loss_seeds: tuple[int, ...] = (0, 1)
+    overrides: tuple[str, ...] = ()  # recipe overrides, e.g. tiny models in tests
+    profile: bool = False  # top ops of the steps the targets compare
+
+
+FULL = Config()
+QUICK = Config(warmup=2, repeats=3, ceiling_repeats=3, loss_steps=30)  # 1 warm-up round left the next slow
+
+
+# ------------------------------------------------------------------------------------------- models
+
+def model_kwargs(cfg: Config) -> dict:
+    """The recipe's DiffsegUNet2DModel arguments (block="resnet")."""
+    recipe = load_recipe(cfg.recipe, cfg.overrides)
+    m, d = recipe.model, recipe.data
+    return dict(sample_size=d.resolution, in_channels=d.channels, out_channels=d.channels, block="resnet",
+                block_out_channels=list(m.block_out_channels), layers_per_block=m.layers_per_block,
+                attention_resolutions=list(m.attention_resolutions), mid_attention=m.mid_attention,
+                attention_head_dim=m.attention_head_dim, norm_num_groups=m.norm_num_groups)
+
+
+def stock_kwargs(ours: dict) -> dict:
+    """The stock `UNet2DModel` with the same levels, Attn* blocks where ours has attention."""
+    assert ours["mid_attention"], "the stock UNet2DModel always has mid-block attention"
+    res = [ours["sample_size"] // 2**i for i in range(len(ours["block_out_channels"]))]
+    down = [("AttnDownBlock2D" if r in ours["attention_resolutions"] else "DownBlock2D") for r in res]
+    up = [b.replace("Down", "Up") for b in reversed(down)]
+    return dict(sample_size=ours["sample_size"], in_channels=ours["in_channels"], out_channels=ours["out_channels"],
+                block_out_channels=ours["block_out_channels"], layers_per_block=ours["layers_per_block"],
+                down_block_types=down, up_block_types=up, norm_num_groups=ours["norm_num_groups"],
+                attention_head_dim=ours["attention_head_dim"])
+
+
+def build(kind: str, kwargs: dict, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cls = UNet2DModel if kind == "stock" else DiffsegUNet2DModel
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}).train()
+
+
+def match_convnext(base: dict, tolerance: float) -> tuple[dict, float, list[dict]]:
+    """The ConvNeXt (widths scaled from the baseline's, expansion 1-4) whose parameter count is closest to
+    the baseline's, its relative difference, and all candidates within ``tolerance``."""
+    want = count_parameters(build("resnet", base))
+    ratios = [c / base["block_out_channels"][0] for c in base["block_out_channels"]]
+    step = math.lcm(base["norm_num_groups"], base["attention_head_dim"] or 1)  # every width divides into both
+    found = []
+    for width in range(step, 2 * base["block_out_channels"][0] + 1, step):
+        for expansion in (1, 2, 3, 4):
+            kw = dict(base, block="convnext", block_out_channels=[int(width * r) for r in ratios],
+                      convnext_expansion=expansion)
+            n = count_parameters(build("convnext", kw))
+            found.append({"kwargs": kw, "params": n, "rel": n / want - 1})
+    found.sort(key=lambda c: abs(c["rel"]))
+    close = [c for c in found if abs(c["rel"]) <= tolerance]
+    return found[0]["kwargs"], found[0]["rel"], [{"block_out_channels": c["kwargs"]["block_out_channels"],
+                                 "convnext_expansion": c["kwargs"]["convnext_expansion"], "params": c["params"],
+                                 "rel": round(c["rel"], 4)} for c in close]
+
+
+def variant_specs(cfg: Config) -> tuple[dict[str, tuple[str, dict]], dict]:
+    """variant name -> (kind, kwargs), and how the ConvNeXt was matched."""
+    base = model_kwargs(cfg)
+    specs, match = {}, {}
+    for v in cfg.variants:
+        if v == "stock":
+            specs[v] = ("stock", stock_kwargs(base))
+        elif v == "convnext":
+            kw, rel, candidates = match_convnext(base, cfg.convnext_tolerance)
+            specs[v], match = ("convnext", kw), {"rel_params": round(rel, 4), "within_tolerance": candidates}
+        else:
+            specs[v] = (v, dict(base, block=v))
+    return specs, match
+
+
+# ------------------------------------------------------------------------------------------- steps
+
+def _autocast(precision: str):
+    dtype = DTYPES[precision]
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def make_step(model: torch.nn.Module, precision: str, batch_size: int, seed: int = 0):
+    """One AdamW training step on a fixed random batch (the eps-MSE of `diffusion_loss`)."""
+    scheduler = make_scheduler("linear")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    size, channels = model.config.sample_size, model.config.in_channels
+    x = torch.rand(batch_size, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(precision):
+            loss = diffusion_loss(model, scheduler, x, torch.Generator().manual_seed(seed))
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def step_flops(model: torch.nn.Module, batch_size: int) -> dict[str, int]:
+    """FLOPs of one fp32 forward + backward (the optimizer step is not counted)."""
+    scheduler = make_scheduler("linear")
+    size, channels = model.config.sample_size, model.config.in_channels
+    x = torch.zeros(batch_size, channels, size, size)
+    return count_flops(lambda: diffusion_loss(model, scheduler, x, torch.Generator().manual_seed(0)).backward())
+
+
+def measure_memory(kind: str, kwargs: dict, precision: str, batch_size: int, steps: int = 2) -> dict:
+    """Child: build the model and run ``steps`` training steps; the caller adds the peak RSS."""
+    step = make_step(build(kind, kwargs), precision, batch_size)
+    for _ in range(steps):
+        step()
+    return {"kind": kind, "precision": precision}
+
+
+def loss_curve(kwargs: dict, precision: str, seed: int, steps: int, batch_size: int, cfg: Config,
+               images: torch.utils.data.Dataset) -> list[float]:
+    """Train the baseline ``steps`` steps on the recipe's data with its optimizer settings (LR warm-up
+    capped at steps // 3); batches are the same for every seed, init and noise follow ``seed``."""
+    t = load_recipe(cfg.recipe, cfg.overrides).train
+    model = build("resnet", kwargs, seed)
+    scheduler = make_scheduler("linear")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                  weight_decay=t.weight_decay)
+    lr = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=min(t.warmup_steps, steps // 3),
+                       num_training_steps=steps)
+    batches = TrainBatches(images, resolution=kwargs["sample_size"], channels=kwargs["in_channels"],
+                           batch_size=batch_size, seed=0, max_images=steps * batch_size)
+    losses = []
+    for k, x in zip(range(steps), batches.iterate()):
+        with _autocast(precision):
+            loss = diffusion_loss(model, scheduler, x, torch.Generator().manual_seed(1000 * seed + k))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        optimizer.step()
+        lr.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def smoothed(losses: list[float]) -> float:
+    """Mean of the last fifth of the curve (at least 5 steps)."""
+    window = max(5, len(losses) // 5)
+    return sum(losses[-window:]) / len(losses[-window:])
+
+
+# ------------------------------------------------------------------------------------------- run
+
+def _loss_check(cfg: Config, base: dict, candidate: str) -> tuple[list[dict], dict]:
+    images = load_images(load_recipe(cfg.recipe, cfg.overrides).data.source)
+    runs = [("fp32", s) for s in cfg.loss_seeds] + [(candidate, cfg.loss_seeds[0])]
+    final = {}
+    for precision, seed in runs:
+        curve = loss_curve(base, precision, seed, cfg.loss_steps, cfg.loss_batch_size, cfg, images)
+        final[precision, seed] = smoothed(curve)
+    s0 = cfg.loss_seeds[0]
+    fp32 = [final["fp32", s] for s in cfg.loss_seeds]
+    spread = max(fp32) - min(fp32)
+    diff = abs(final[candidate, s0] - final["fp32", s0])
+    rows = [{"precision": p, "seed": s, "steps": cfg.loss_steps, "smoothed_final_loss": round(v, 5)}
+            for (p, s), v in final.items()]
+    note = (f"{candidate} {final[candidate, s0]:.4f} vs fp32 {final['fp32', s0]:.4f} (seed {s0}, same batches "
+            f"and noise) after {cfg.loss_steps} steps; fp32 over seeds {cfg.loss_seeds}: "
+            f"{', '.join(f'{v:.4f}' for v in fp32)}")
+    return rows, target(f"train_step.{candidate}_loss_matches_fp32", diff, "<=", spread, note)
+
+
+def run(cfg: Config) -> dict:
+    machine = machine_state()
+    ceiling = {"fp32": matmul_ceiling(torch.float32, n=cfg.ceiling_n, repeats=cfg.ceiling_repeats),
+               "bf16": matmul_ceiling(torch.bfloat16, n=cfg.ceiling_n, repeats=cfg.ceiling_repeats)}
+    ceiling["fp16"] = ceiling["bf16"]  # not measured separately
+    default = RECIPE_PRECISION[load_recipe(cfg.recipe, cfg.overrides).train.mixed_precision]
+    precisions = list(dict.fromkeys([*cfg.precisions, default]))
+    specs, match = variant_specs(cfg)
+    models = {(v, p): build(kind, kw) for v, (kind, kw) in specs.items() for p in precisions}
+    flops = {v: step_flops(models[v, precisions[0]], cfg.batch_size) for v in specs}
+    steps = {f"{v}/{p}": make_step(m, p, cfg.batch_size) for (v, p), m in models.items()}
+    log(f"train_step: {len(steps)} steps x {cfg.repeats} repeats, batch {cfg.batch_size}")
+    timings = time_interleaved(steps, warmup=cfg.warmup, repeats=cfg.repeats)
+    compared = [k for k in ("stock/fp32", "resnet/fp32", f"resnet/{default}", "resnet/bf16", "convnext/fp32")
+                if k in steps]
+    profiles = {k: profile_ops(steps[k]) for k in dict.fromkeys(compared)} if cfg.profile else {}
+    rows = []
+    for (v, p), model in models.items():
+        tm, kind_kw = timings[f"{v}/{p}"], specs[v]
+        gflops = flops[v]["corrected"] / tm.median_s / 1e9
+        row = {"variant": v, "precision": p, "params": count_parameters(model),
+               "ms_step": round(tm.median_s * 1e3, 1), "img_s": round(cfg.batch_size / tm.median_s, 2),
+               "gflop_step": round(flops[v]["corrected"] / 1e9, 2),
+               "gflop_step_torch_raw": round(flops[v]["raw"] / 1e9, 2), "achieved_gflops": round(gflops, 1),
+               "share_of_ceiling": round(gflops / ceiling[p], 3), "times_s": tm.times_s}
+        if cfg.memory:
+            log(f"train_step: peak memory of {v}/{p}")
+            row["peak_rss_mb"] = run_child("bench.train_step:measure_memory",
+                                           dict(kind=kind_kw[0], kwargs=kind_kw[1], precision=p,
+                                                batch_size=cfg.batch_size))["peak_rss_mb"]
+        rows.append(row)
+    img_s = {(r["variant"], r["precision"]): r["img_s"] for r in rows}
+    stock = img_s.get(("stock", "fp32"))
+    for r in rows:
+        r["vs_stock_fp32"] = round(r["img_s"] / stock, 3) if stock else None
+    log(f"train_step: loss check, {cfg.loss_steps} steps x {len(cfg.loss_seeds) + 1} runs")
+    loss_rows, loss_target = _loss_check(cfg, specs["resnet"][1], default if default != "fp32" else "bf16")
+    targets = _targets(cfg, rows, img_s, default, specs, match) + [loss_target]
+    return result("train_step", cfg, machine, rows, targets, ceiling_gflops=ceiling, loss_check=loss_rows,
+                  convnext_match=match, models={v: kw for v, kw in specs.items()},
+                  default_precision=default, **({"profile": profiles} if profiles else {}))
+
+
+def _targets(cfg: Config, rows: list[dict], img_s: dict, default: str, specs: dict, match: dict) -> list[dict]:
+    share = {(r["variant"], r["precision"]): r["share_of_ceiling"] for r in rows}
+    ratio = lambda a, b: img_s[a] / img_s[b] if a in img_s and b in img_s else None  # noqa: E731
+    out = [target("train_step.baseline_vs_stock_fp32", ratio(("resnet", "fp32"), ("stock", "fp32")), ">=", 1.0,
+                  "equal config, both fp32, interleaved in one process"),
+           target("train_step.baseline_default_precision_vs_stock_fp32",
+                  ratio(("resnet", default), ("stock", "fp32")), ">=", 1.3,
+                  f"{cfg.recipe} train.mixed_precision -> {default}")]
+    if default != "bf16" and ("resnet", "bf16") in img_s:
+        out.append(target("train_step.baseline_bf16_vs_stock_fp32", ratio(("resnet", "bf16"), ("stock", "fp32")),
+                          ">=", 1.3, f"bf16 autocast, the candidate default; share of the bf16 matmul ceiling: "
+                          f"baseline {share['resnet', 'bf16']:.0%}, stock {share.get(('stock', 'bf16'), 0):.0%}"))
+    if "convnext" in specs:
+        kw = specs["convnext"][1]
+        bf16 = ratio(("convnext", "bf16"), ("resnet", "bf16"))
+        out.append(target("train_step.convnext_vs_baseline_fp32", ratio(("convnext", "fp32"), ("resnet", "fp32")),
+                          ">=", 0.9, f"ConvNeXt widths {kw['block_out_channels']} expansion "
+                          f"{kw['convnext_expansion']} (params {match['rel_params']:+.1%} vs baseline)"
+                          + (f"; bf16 ratio {bf16:.2f}" if bf16 else "")))
+    return out
+
+
+COLUMNS = ["variant", "precision", "params", "ms_step", "img_s", "vs_stock_fp32", "gflop_step", "achieved_gflops",
+           "share_of_ceiling", "peak_rss_mb"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = cli(__doc__.splitlines()[0], argv)
+    res = run(replace(QUICK if args.quick else FULL, profile=args.profile))
+    report(res, COLUMNS, args.json)
+    print(f"\nceiling GFLOP/s: {res['ceiling_gflops']}; loss check: {res['loss_check']}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The benchmark suite (`bench/`): helpers against hand-computed numbers, and every benchmark run in-process
+with a tiny config, checked for the JSON structure `bench/run.py` writes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repository root
+
+from bench import common, ensemble, features, fit_memory, run, sampling, train_step  # noqa: E402
+
+TINY = ("model.block_out_channels=[8,16]", "model.attention_resolutions=[16]", "model.norm_num_groups=4",
+        "model.attention_head_dim=8")
+TINY_CONFIGS = {
+    "train_step": train_step.Config(overrides=TINY, batch_size=2, warmup=1, repeats=1, memory=False, ceiling_n=64,
+                                    ceiling_repeats=1, loss_steps=3, loss_batch_size=2),
+    "sampling": sampling.Config(overrides=(*TINY, "scheduler.num_train_timesteps=8"), batch_size=2, ddpm_steps=8,
+                                ddpm_measured_steps=4, ddim_steps=2, repeats=1),
+    "features": features.Config(recipe="fashion-seg", overrides=TINY, image_batches=(1, 2), target_image_batch=2,
+                                repeats=1, memory=False),
+    "ensemble": ensemble.Config(feature_dims=(8, 16), target_dim=8, pixels=256, num_members=3, repeats=1,
+                                profile=True),
+}
+TARGET_NAMES = {
+    "train_step.baseline_vs_stock_fp32", "train_step.baseline_default_precision_vs_stock_fp32",
+    "train_step.baseline_bf16_vs_stock_fp32", "train_step.convnext_vs_baseline_fp32",
+    "train_step.bf16_loss_matches_fp32", "features.batched_vs_per_timestep", "ensemble.vectorized_vs_sequential",
+}
+
+
+def _allocate(mb: int) -> dict:
+    """A run_child target: hold ``mb`` MiB of touched memory."""
+    block = torch.ones(mb * 2**20 // 4)
+    return {"sum": float(block[:10].sum())}
+
+
+def _check_target(t: dict) -> None:
+    assert set(t) == {"name", "value", "target", "met", "note"}, t
+    assert isinstance(t["name"], str) and isinstance(t["note"], str) and isinstance(t["met"], bool)
+    assert t["value"] is None or isinstance(t["value"], float), t
+    op, threshold = t["target"].split()
+    assert op in (">=", ">", "<=", "<") and float(threshold) == float(threshold), t
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+def test_time_interleaved_runs_warmups_then_timed_rounds():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: (calls.append("b"), time.sleep(0.02))}
+    warm = {"a": lambda: calls.append("wa"), "b": lambda: calls.append("wb")}
+    out = common.time_interleaved(fns, warmup=1, repeats=3, warmup_fns=warm)
+    assert calls == ["wa", "wb"] + ["a", "b"] * 3  # round-robin after the warm-up round
+    assert len(out["b"].times_s) == 3 and out["b"].median_s >= 0.02 > out["a"].median_s
+    assert out["b"].per_second(4) == pytest.approx(4 / out["b"].median_s)
+
+
+def test_count_flops_divides_grouped_weight_gradient_by_groups():
+    torch.manual_seed(0)
+    b, c, h, k = 2, 16, 8, 3
+    x = torch.randn(b, c, h, h, requires_grad=True)
+    forward = 2 * b * h * h * c * k * k  # depthwise: one input channel per output channel
+    depthwise = torch.nn.Conv2d(c, c, k, padding=1, groups=c, bias=False)
+    counts = common.count_flops(lambda: depthwise(x).sum().backward())
+    assert counts["corrected"] == 3 * forward  # forward, grad input, grad weight
+    assert counts["raw"] == 2 * forward + c * forward  # torch counts grad weight as a dense conv
+    dense = torch.nn.Conv2d(c, c, k, padding=1, bias=False)
+    counts = common.count_flops(lambda: dense(x).sum().backward())
+    assert counts["raw"] == counts["corrected"] == 3 * c * forward
+
+
+def test_target_entry_and_tables():
+    assert common.target("x", 1.5, ">=", 1.5)["met"] is True
+    assert common.target("x", 0.11, "<", 0.1)["met"] is False
+    missing = common.target("x", None, ">=", 1.0, "not measured")
+    assert missing == {"name": "x", "value": None, "target": ">= 1", "met": False, "note": "not measured"}
+    table = common.markdown_table([{"a": 1.23456, "b": "z"}, {"a": None}], ["a", "b"])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1.235 | z |", "|  |  |"]
+
+
+def test_machine_state_records_load_and_versions():
+    m = common.machine_state(busy_interval_s=0.05)
+    assert len(m["loadavg_1_5_15"]) == 3 and m["torch_threads"] == torch.get_num_threads()
+    assert m["torch"] == torch.__version__ and 0.0 <= m["cpu_busy_fraction"] <= 1.0
+
+
+@pytest.mark.slow
+def test_run_child_measures_the_childs_own_peak():
+    big = torch.ones(200 * 2**20 // 4)  # this process's high-water mark must not leak into the child's
+    out = common.run_child("tests.test_bench:_allocate", {"mb": 300})
+    assert out["sum"] == 10.0 and big[0] == 1
+    assert 300 <= out["peak_rss_mb"] - out["rss_after_import_mb"] < 400, out
+
+
+# ------------------------------------------------------------------------------------------- benchmarks
+
+def test_synthetic_blob_masks():
+    data = fit_memory.synthetic_segmentation(4, 128, 5, seed=0)
+    assert data.images.shape == (4, 1, 128, 128) and data.masks.shape == (4, 128, 128) and data.num_classes == 5
+    _, counts = data.masks.unique(return_counts=True)
+    assert len(counts) == 5 and counts.min() > 0.1 * data.masks.numel()  # every class well represented
+    same = (data.masks[:, 1:] == data.masks[:, :-1]).float().mean()  # blobs: neighbours mostly agree
+    assert same > 0.9, same
+
+
+def test_fit_memory_child_reports_store_stats():
+    before = fit_memory.segmentation.fit_ensemble
+    out = fit_memory.measure_fit(n=2, resolution=16, block_out_channels=[8, 16], norm_num_groups=4, num_classes=3,
+                                 num_members=2, max_epochs=1, memory_mb=None, image_batch=None, seed=0)
+    assert fit_memory.segmentation.fit_ensemble is before  # the instrumentation is removed again
+    assert out["feature_dim"] == 3 * (16 + 8) and out["pixels_kept"] <= 2 * 16 * 16
+    assert out["store_bytes"] >= out["pixels_kept"] * out["feature_dim"] * 2  # float16 features
+    ref = fit_memory.measure_reference(n=2, resolution=16, block_out_channels=[8, 16], norm_num_groups=4,
+                                       num_classes=3, num_members=2, max_epochs=1, image_batch=1, seed=0)
+    assert ref["store_bytes"] == 2 * 16 * 16 * (ref["feature_dim"] * 4 + 8)  # fp32 features + int64 labels
+
+
+def test_stock_twin_has_the_recipes_parameter_count():
+    ours = train_step.model_kwargs(train_step.Config())
+    stock = train_step.build("stock", train_step.stock_kwargs(ours))
+    baseline = train_step.build("resnet", ours)
+    assert stock.config.down_block_types == ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D")
+    assert train_step.count_parameters(stock) == train_step.count_parameters(baseline) == 2_734_945  # FACTS.md
+
+
+def test_convnext_match_is_the_closest_parameter_count():
+    base = train_step.model_kwargs(train_step.Config(overrides=TINY))
+    kw, rel, close = train_step.match_convnext(base, tolerance=0.5)
+    want = train_step.count_parameters(train_step.build("resnet", base))
+    got = train_step.count_parameters(train_step.build("convnext", kw))
+    assert rel == pytest.approx(got / want - 1)
+    assert abs(rel) == pytest.approx(min(abs(c["rel"]) for c in close), abs=1e-4)  # candidates are rounded
+
+
+def test_smoothed_loss_is_the_mean_of_the_last_fifth():
+    assert train_step.smoothed([9.0] * 20 + [1.0, 2.0, 3.0, 4.0, 5.0]) == 3.0
+    assert train_step.smoothed([4.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == 1.0  # at least 5 steps
+
+
+def test_run_all_tiny_writes_the_results_structure(tmp_path):
+    out = run.run_all(TINY_CONFIGS)
+    path = common.write_json(tmp_path / "results.json", dict(quick=True, **out))
+    saved = json.loads(path.read_text())
+    assert set(saved) == {"quick", "machine", "results", "targets"}
+    assert [r["benchmark"] for r in saved["results"]] == list(TINY_CONFIGS)
+    assert not [r["error"] for r in saved["results"] if "error" in r]
+    assert {t["name"] for t in saved["targets"]} == TARGET_NAMES
+    for t in saved["targets"]:
+        _check_target(t)
+    for res in saved["results"]:
+        assert res["rows"] and "loadavg_end" in res["machine"] and res["wall_s"] >= 0
+        for column in run.BENCHMARKS[res["benchmark"]].COLUMNS:
+            if column not in ("peak_rss_mb", "work_mb"):  # memory is off in the tiny configs
+                assert all(column in row for row in res["rows"]), (res["benchmark"], column)
+    steps = {(r["variant"], r["precision"]) for r in saved["results"][0]["rows"]}
+    assert steps == {(v, p) for v in ("stock", "resnet", "adagn", "convnext") for p in ("fp32", "bf16")}
+    ddim = next(r for r in saved["results"][1]["rows"] if (r["sampler"], r["precision"]) == ("ddim", "fp32"))
+    assert ddim["steps"] == ddim["measured_steps"] == 2
+    assert all(r["max_abs_diff"] < 1e-4 for r in saved["results"][2]["rows"])  # same features either way
+    assert all(r["max_abs_logit_diff"] < 1e-3 for r in saved["results"][3]["rows"])  # same members either way
+    profile = saved["results"][3]["profile"]
+    assert set(profile) == {"vectorized/D=8", "sequential/D=8"}
+    for ops in profile.values():
+        assert ops and all(o["op"].startswith("aten::") and o["calls"] >= 1 for o in ops)
+        assert sum(o["share"] for o in ops) <= 1.001 and ops[0]["self_ms"] >= ops[-1]["self_ms"]
+
+
+def test_run_all_records_a_failing_benchmark_and_goes_on():
+    bad = replace(TINY_CONFIGS["ensemble"], pixels=1)  # fit_ensemble refuses a single pixel
+    out = run.run_all({"ensemble": bad})
+    assert out["results"][0]["error"].startswith("DataError") and out["targets"] == []
+
+
+@pytest.mark.slow
+def test_fit_memory_run_in_subprocesses():
+    cfg = fit_memory.Config(sizes=(2, 3), resolution=16, block_out_channels=(8, 16), norm_num_groups=4,
+                            num_classes=3, num_members=2, reference=True, reference_sizes=(2,))
+    res = fit_memory.run(cfg)
+    (t,) = res["targets"]
+    _check_target(t)
+    assert t["name"] == "fit_memory.peak_rss_growth_2_to_3"
+    modes = [(r["mode"], r["n"], r["measured"]) for r in res["rows"]]
+    assert modes == [("store", 2, True), ("store", 3, True), ("reference", 2, True), ("reference", 3, False)]
+    assert res["rows"][3]["store_mb"] == pytest.approx(3 * 16 * 16 * res["rows"][0]["feature_dim"] * 4 / 2**20,
+                                                       abs=0.1)
