@@ -17,6 +17,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +184,7 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
 
     last_checkpoint = resume_from
     unet.train()
-    try:
+    with _SigintFlag() as sigint:
         while state.step < stop_at:
             for _ in range(accum):
                 clean = next(stream).to(accelerator.device)
@@ -206,6 +208,11 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
             state.images_seen += clean.shape[0] * accum * accelerator.num_processes
             if step_callback is not None:
                 step_callback(state.step, last_loss)
+            if _any_process(accelerator, sigint.requested):  # Ctrl-C: stop at this clean step boundary
+                bar.close()
+                path = checkpoint()
+                raise TrainingInterrupted(f"interrupted at step {state.step}; saved {path}; continue with "
+                                          f"`--resume latest --output-dir {output_dir}`")
             if state.step % cfg.log_every == 0 or state.step == stop_at:
                 ips = (state.step - start_step) * cfg.batch_size * accum * accelerator.num_processes / (
                     time.perf_counter() - started)
@@ -218,11 +225,6 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
                 last_checkpoint = checkpoint()
             if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < stop_at:
                 _sample_grid(accelerator, unet, ema, noise_scheduler, recipe, output_dir, state.step)
-    except KeyboardInterrupt:
-        bar.close()
-        path = checkpoint()
-        raise TrainingInterrupted(f"interrupted at step {state.step}; saved {path}; continue with "
-                                  f"`--resume latest --output-dir {output_dir}`") from None
     bar.close()
     elapsed = time.perf_counter() - started
 
@@ -246,6 +248,35 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
     _sample_grid(accelerator, unet, ema, noise_scheduler, recipe, output_dir, state.step)
     accelerator.end_training()
     return summary
+
+
+class _SigintFlag:
+    """The first Ctrl-C asks the loop to stop after the current step, so the checkpoint it writes is consistent;
+    a second one raises KeyboardInterrupt at once (the last checkpoint stays). Main thread only."""
+
+    def __init__(self) -> None:
+        self.requested, self._previous = False, None
+
+    def __enter__(self) -> "_SigintFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is set on any (all ranks stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int | None) -> Path:

@@ -110,7 +110,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     with pytest.raises(TrainingInterrupted, match=r"interrupted at step \d; saved .*checkpoint-\d.*--resume latest"):
         train(recipe, tmp_path, step_callback=interrupt, progress=False)
     saved = list_checkpoints(tmp_path)
-    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) in (2, 3)
+    assert [p.name for p in saved] == ["checkpoint-2"]  # stopped at the step boundary where Ctrl-C came
     assert train(recipe, tmp_path, resume="latest", progress=False)["steps"] == 5
 
 
