@@ -369,9 +369,11 @@ def test_unknown_source_lists_choices():
     "content, match",
     [
         (b"\x12\x34\x08\x03" + bytes(20), "not an IDX file"),  # bad magic
-        (gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x09abc"), "truncated"),  # header says 9 bytes, 3 follow
+        # mtime=0: the bytes (and so the test id) must not depend on the clock, or xdist workers disagree
+        (gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x09abc", mtime=0), "truncated"),  # header: 9 bytes, 3 follow
         (b"\x1f\x8b" + bytes(30), "corrupt"),  # gzip magic, broken stream
     ],
+    ids=["bad-magic", "truncated", "corrupt"],
 )
 def test_corrupt_idx_names_the_file(tmp_path, content, match):
     bad = tmp_path / "train-images-idx3-ubyte.gz"
