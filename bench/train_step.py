@@ -22,6 +22,7 @@ from diffusers.optimization import get_scheduler
 
 from bench.common import (cli, count_flops, log, machine_state, matmul_ceiling, profile_ops, report, result,
                           run_child, target, time_interleaved)
+from diffseg_hf.build import stock_kwargs
 from diffseg_hf.data import TrainBatches, load_images
 from diffseg_hf.models import DiffsegUNet2DModel, count_parameters
 from diffseg_hf.recipe import load_recipe
@@ -66,18 +67,6 @@ def model_kwargs(cfg: Config) -> dict:
                 block_out_channels=list(m.block_out_channels), layers_per_block=m.layers_per_block,
                 attention_resolutions=list(m.attention_resolutions), mid_attention=m.mid_attention,
                 attention_head_dim=m.attention_head_dim, norm_num_groups=m.norm_num_groups)
-
-
-def stock_kwargs(ours: dict) -> dict:
-    """The stock `UNet2DModel` with the same levels, Attn* blocks where ours has attention."""
-    assert ours["mid_attention"], "the stock UNet2DModel always has mid-block attention"
-    res = [ours["sample_size"] // 2**i for i in range(len(ours["block_out_channels"]))]
-    down = [("AttnDownBlock2D" if r in ours["attention_resolutions"] else "DownBlock2D") for r in res]
-    up = [b.replace("Down", "Up") for b in reversed(down)]
-    return dict(sample_size=ours["sample_size"], in_channels=ours["in_channels"], out_channels=ours["out_channels"],
-                block_out_channels=ours["block_out_channels"], layers_per_block=ours["layers_per_block"],
-                down_block_types=down, up_block_types=up, norm_num_groups=ours["norm_num_groups"],
-                attention_head_dim=ours["attention_head_dim"])
 
 
 def build(kind: str, kwargs: dict, seed: int = 0) -> torch.nn.Module:
@@ -265,7 +254,9 @@ def _targets(cfg: Config, rows: list[dict], img_s: dict, default: str, specs: di
                   "equal config, both fp32, interleaved in one process"),
            target("train_step.baseline_default_precision_vs_stock_fp32",
                   ratio(("resnet", default), ("stock", "fp32")), ">=", 1.3,
-                  f"{cfg.recipe} train.mixed_precision -> {default}")]
+                  f"{cfg.recipe} train.mixed_precision -> {default}"
+                  + (f" (attention in fp32); share of the bf16 matmul ceiling: baseline {share['resnet', 'bf16']:.0%}, "
+                     f"stock {share.get(('stock', 'bf16'), 0):.0%}" if default == "bf16" else ""))]
     if default != "bf16" and ("resnet", "bf16") in img_s:
         out.append(target("train_step.baseline_bf16_vs_stock_fp32", ratio(("resnet", "bf16"), ("stock", "fp32")),
                           ">=", 1.3, f"bf16 autocast, the candidate default; share of the bf16 matmul ceiling: "

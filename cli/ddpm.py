@@ -49,7 +49,8 @@ def train_cmd(
     if summary["steps_this_run"] == 0:
         typer.echo(f"already at step {summary['steps']}; wrote the pipeline to {output_dir}")
     else:
-        typer.echo(f"trained to step {summary['steps']} ({summary['images_per_s']} img/s, last loss "
+        budget = " (train.max_minutes budget spent)" if summary["stopped_by"] == "max_minutes" else ""
+        typer.echo(f"trained to step {summary['steps']}{budget} ({summary['images_per_s']} img/s, last loss "
                    f"{summary['last_loss']:.4f}); pipeline in {output_dir}")
 
 

@@ -39,6 +39,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    implementation: Literal["diffseg", "diffusers"] = "diffseg"  # diffusers: the stock UNet2DModel (block resnet)
     block: str = "resnet"  # a key of diffseg_hf.models.RESIDUAL_BLOCKS
     block_out_channels: tuple[int, ...] = (32, 64, 128)
     layers_per_block: int = 1
@@ -55,6 +56,9 @@ class ModelConfig:
 
         if self.block not in RESIDUAL_BLOCKS:
             raise RecipeError(f"unknown block type {self.block!r} (model.block); choose from {', '.join(RESIDUAL_BLOCKS)}")
+        if self.implementation == "diffusers" and (self.block != "resnet" or not self.mid_attention):
+            raise RecipeError("model.implementation=diffusers builds the stock UNet2DModel: it needs model.block=resnet "
+                              "and model.mid_attention=true")
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,9 @@ class TrainConfig:
     max_steps: int = 1000
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
+    max_minutes: float | None = None  # wall-clock budget: stop (and save) once the training loop has run this long
+    loss_weighting: Literal["none", "min-snr"] = "none"  # min-snr: Hang et al. 2023, weight min(SNR, gamma) / SNR
+    snr_gamma: float = 5.0
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: take the launcher's setting
     ema_decay: float = 0.9999  # diffusers EMAModel max decay
     ema_warmup: bool = True  # EMAModel warm-up: decay = 1 - (1 + step / inv_gamma) ** -power

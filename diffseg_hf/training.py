@@ -28,9 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from .build import build_scheduler, build_unet
@@ -99,8 +100,13 @@ def _step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1)[0]))
 
 
-def diffusion_loss(unet, scheduler, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """MSE between the UNet's output and the target of the scheduler's prediction type."""
+def diffusion_loss(unet, scheduler, clean: torch.Tensor, generator: torch.Generator,
+                   snr_gamma: float | None = None) -> torch.Tensor:
+    """MSE between the UNet's output and the target of the scheduler's prediction type.
+
+    `snr_gamma` turns on Min-SNR-gamma weighting (Hang et al. 2023): each image's MSE is weighted so that the
+    implied x0-loss weight is min(SNR(t), gamma), i.e. min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v.
+    """
     noise = torch.randn(clean.shape, generator=generator).to(clean.device)  # (B, C, H, W)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator).to(clean.device)
     noisy = scheduler.add_noise(clean, noise, t)
@@ -108,7 +114,14 @@ def diffusion_loss(unet, scheduler, clean: torch.Tensor, generator: torch.Genera
     target = {"epsilon": noise, "sample": clean}.get(kind)
     if target is None:
         target = scheduler.get_velocity(clean, noise, t)  # v_prediction
-    return F.mse_loss(unet(noisy, t).sample.float(), target.float())
+    pred = unet(noisy, t).sample.float()
+    if snr_gamma is None:
+        return F.mse_loss(pred, target.float())
+    snr = compute_snr(scheduler, t)  # (B,)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    weight = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1)}.get(kind, clipped)
+    per_image = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_image * weight).mean()
 
 
 def _weights_checksum(model: torch.nn.Module) -> float:
@@ -127,6 +140,10 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
     cfg, output_dir = recipe.train, Path(output_dir)
     stop_at = max_steps if max_steps is not None else cfg.max_steps
     horizon = max(cfg.max_steps, stop_at)
+    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another precision;
+    # a process that trains several recipes (ablate, bench, tests) starts each from a fresh one. PartialState (the
+    # process group) is kept, and the launcher's precision still arrives through its environment variable.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_with="tensorboard",
@@ -183,14 +200,20 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
         return save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
 
     last_checkpoint = resume_from
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes is not None else math.inf
+    stopped_by = "max_steps"
     unet.train()
     with _SigintFlag() as sigint:
         while state.step < stop_at:
+            if _any_process(accelerator, state.train_seconds + time.perf_counter() - clock[0] >= budget_s):
+                stopped_by = "max_minutes"  # the wall-clock budget (over all resumes) is spent
+                break
             for _ in range(accum):
                 clean = next(stream).to(accelerator.device)
                 with accelerator.accumulate(unet):
                     with accelerator.autocast():
-                        loss = diffusion_loss(unet, noise_scheduler, clean, _step_generator(cfg.seed, micro, rank))
+                        loss = diffusion_loss(unet, noise_scheduler, clean, _step_generator(cfg.seed, micro, rank),
+                                              snr_gamma=cfg.snr_gamma if cfg.loss_weighting == "min-snr" else None)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
@@ -239,7 +262,8 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
                "train_seconds_total": round(state.train_seconds + time.perf_counter() - clock[0], 2),
                "images_per_s": round((state.step - start_step) * cfg.batch_size * accum * accelerator.num_processes
                                      / max(elapsed, 1e-9), 2),
-               "last_loss": last_loss, "loss_history": state.history, "rank_weight_checksums": checksums}
+               "stopped_by": stopped_by, "last_loss": last_loss, "loss_history": state.history,
+               "rank_weight_checksums": checksums}
     if accelerator.is_main_process:
         final = build_unet(recipe)
         ema.copy_to(final.parameters())

@@ -54,11 +54,63 @@ def test_every_recipe_trains_two_steps(tmp_path, name):
     summary = train(recipe, tmp_path / "run", max_steps=2, progress=False)
     assert summary["steps"] == 2 and np.isfinite(summary["last_loss"])
     unet, scheduler = load_model_and_scheduler(tmp_path / "run")
-    assert unet.config.in_channels == recipe.data.channels and unet.config.block == recipe.model.block
+    assert unet.config.in_channels == recipe.data.channels
+    if recipe.model.implementation == "diffusers":
+        assert unet.config["_class_name"] == "UNet2DModel"
+    else:
+        assert unet.config.block == recipe.model.block
     assert scheduler.config.num_train_timesteps == 50
     assert load_recipe(tmp_path / "run" / "recipe.yaml").train == recipe.train
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
     assert (tmp_path / "run" / "samples" / "step-000002.png").is_file()
+
+
+def test_min_snr_weighting_matches_hand_computation():
+    from diffusers import DDPMScheduler
+    from diffseg_hf.training import diffusion_loss
+
+    torch.manual_seed(0)
+    clean = torch.randn(64, 1, 8, 8)
+
+    class Echo(torch.nn.Module):  # a fixed "prediction" so the per-image MSE is known
+        def forward(self, x, t):
+            return type("Out", (), {"sample": x * 0.5})()
+
+    for kind in ("epsilon", "v_prediction"):
+        sched = DDPMScheduler(num_train_timesteps=1000, prediction_type=kind)
+        plain = diffusion_loss(Echo(), sched, clean, torch.Generator().manual_seed(3))
+        weighted = diffusion_loss(Echo(), sched, clean, torch.Generator().manual_seed(3), snr_gamma=5.0)
+        g = torch.Generator().manual_seed(3)  # redo the draws by hand
+        noise = torch.randn(clean.shape, generator=g)
+        t = torch.randint(0, 1000, (64,), generator=g)
+        a = sched.alphas_cumprod[t]
+        snr = a / (1 - a)
+        noisy = sched.add_noise(clean, noise, t)
+        target = noise if kind == "epsilon" else sched.get_velocity(clean, noise, t)
+        mse = ((noisy * 0.5 - target) ** 2).mean(dim=(1, 2, 3))
+        w = torch.clamp(snr, max=5.0) / (snr if kind == "epsilon" else snr + 1)
+        torch.testing.assert_close(plain, mse.mean())
+        torch.testing.assert_close(weighted, (mse * w).mean())
+        assert (w < 1).any() and (w <= 1).all()
+
+
+def test_max_minutes_budget_stops_the_run_and_saves(tmp_path):
+    recipe = load_recipe("fashion-cpu", TINY_TRAIN + ["train.max_minutes=0.0001", "train.loss_weighting=min-snr"])
+    summary = train(recipe, tmp_path / "run", max_steps=50, progress=False)
+    assert summary["stopped_by"] == "max_minutes" and 1 <= summary["steps"] < 50
+    assert list_checkpoints(tmp_path / "run")[-1].name == f"checkpoint-{summary['steps']}"
+    assert (tmp_path / "run" / "model_index.json").is_file()
+    again = train(recipe, tmp_path / "run", max_steps=50, resume="latest", progress=False)
+    assert again["steps_this_run"] == 0 and again["stopped_by"] == "max_minutes"  # the budget spans resumes
+
+
+def test_stock_implementation_trains_and_reloads_as_stock(tmp_path):
+    from diffusers import UNet2DModel
+
+    recipe = load_recipe("fashion-cpu", TINY_TRAIN + ["model.implementation=diffusers"])
+    train(recipe, tmp_path / "run", max_steps=1, progress=False)
+    unet, _ = load_model_and_scheduler(tmp_path / "run")
+    assert type(unet) is UNet2DModel
 
 
 def _weights(path):
