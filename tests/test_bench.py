@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repository root
 
 from bench import common, ensemble, features, fit_memory, run, sampling, train_step  # noqa: E402
+from diffseg_hf.build import stock_kwargs  # noqa: E402
 
 TINY = ("model.block_out_channels=[8,16]", "model.attention_resolutions=[16]", "model.norm_num_groups=4",
         "model.attention_head_dim=8")
@@ -30,7 +31,7 @@ TINY_CONFIGS = {
 }
 TARGET_NAMES = {
     "train_step.baseline_vs_stock_fp32", "train_step.baseline_default_precision_vs_stock_fp32",
-    "train_step.baseline_bf16_vs_stock_fp32", "train_step.convnext_vs_baseline_fp32",
+    "train_step.convnext_vs_baseline_fp32",
     "train_step.bf16_loss_matches_fp32", "features.batched_vs_per_timestep", "ensemble.vectorized_vs_sequential",
 }
 
@@ -123,7 +124,7 @@ def test_fit_memory_child_reports_store_stats():
 
 def test_stock_twin_has_the_recipes_parameter_count():
     ours = train_step.model_kwargs(train_step.Config())
-    stock = train_step.build("stock", train_step.stock_kwargs(ours))
+    stock = train_step.build("stock", stock_kwargs(ours))
     baseline = train_step.build("resnet", ours)
     assert stock.config.down_block_types == ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D")
     assert train_step.count_parameters(stock) == train_step.count_parameters(baseline) == 2_734_945  # FACTS.md
@@ -189,3 +190,28 @@ def test_fit_memory_run_in_subprocesses():
     assert modes == [("store", 2, True), ("store", 3, True), ("reference", 2, True), ("reference", 3, False)]
     assert res["rows"][3]["store_mb"] == pytest.approx(3 * 16 * 16 * res["rows"][0]["feature_dim"] * 4 / 2**20,
                                                        abs=0.1)
+
+
+def test_quality_budget_tiny_trains_both_arms_for_the_budget_and_scores_them(tmp_path):
+    from bench import quality_budget
+    from diffseg_hf.evaluation.feature_net import FeatureNet, save_feature_net
+
+    torch.manual_seed(0)
+    net_dir = save_feature_net(tmp_path / "net", FeatureNet(32, 1, 10, num_features=16, widths=(8, 16),
+                                                            dataset_name="fashion-mnist"))
+    cfg = replace(quality_budget.QUICK, minutes=0.02, num_samples=12, num_real=24, steps=2, probe_steps=4,
+                  grid_images=4, feature_net=str(net_dir), overrides=TINY + ("data.max_images=256",))
+    res = quality_budget.run(cfg, tmp_path / "out")
+    rows = {r["arm"]: r for r in res["rows"]}
+    assert set(rows) == {"stock", "ours"}
+    assert rows["stock"]["precision"] == "no" and rows["ours"]["precision"] == "bf16"
+    for arm, row in rows.items():
+        assert row["stopped_by"] in ("max_minutes", "max_steps") and row["steps"] >= 1 and row["fid"] > 0
+        assert row["train_min"] < cfg.minutes + 0.1  # the budget is a hard stop
+        assert (tmp_path / "out" / f"{arm}-grid.png").is_file()
+    (t,) = res["targets"]
+    assert t["name"] == "quality_budget.fid_ours_over_stock" and t["target"] == "<= 0.5"
+    assert abs(t["value"] - rows["ours"]["fid"] / rows["stock"]["fid"]) < 1e-3
+    assert "fashion-mnist-cnn16" in res["metric"] and "Inception" not in res["metric"]
+    again = quality_budget.run(cfg, tmp_path / "out")  # finished arms are reused, not retrained
+    assert [r["steps"] for r in again["rows"]] == [r["steps"] for r in res["rows"]]
