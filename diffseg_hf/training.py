@@ -270,6 +270,9 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
         save_pipeline(output_dir, final, noise_scheduler, recipe.to_yaml())
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     _sample_grid(accelerator, unet, ema, noise_scheduler, recipe, output_dir, state.step)
+    # every rank leaves together: a rank that tears down its gloo process group while rank 0 is still sampling
+    # left rank 0 hanging on exit about one launch in six
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 

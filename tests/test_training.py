@@ -200,7 +200,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
            "-m", "diffseg_cli", "train", "--recipe", "fashion-cpu", "--output-dir", str(tmp_path),
            "--max-steps", "3"] + [a for o in TINY_TRAIN for a in ("--set", o)]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 3
