@@ -130,9 +130,10 @@ def run(cfg: Config, out: Path) -> dict:
         m = quality.mean()
         unet, _ = load_model_and_scheduler(out / arm)
         rows.append({"arm": arm, "recipe": recipe.name, "params": count_parameters(unet),
-                     "precision": s["mixed_precision"], "probe_s_per_step": round(trained["probe"]["s_per_step"], 3),
-                     "steps": s["steps"], "train_min": round(s["train_seconds_total"] / 60, 2),
-                     "img_s": s["images_per_s"], "stopped_by": s.get("stopped_by"), "last_loss": round(s["last_loss"], 4),
+                     "precision": s["mixed_precision"],
+                     "probe_s_per_step": round(trained["probe"]["s_per_step"], 3), "steps": s["steps"],
+                     "train_min": round(s["train_seconds_total"] / 60, 2), "img_s": s["images_per_s"],
+                     "stopped_by": s.get("stopped_by"), "last_loss": round(s["last_loss"], 4),
                      "fid": round(m["fid"], 2), "kid_x1e3": round(m["kid_mean"] * 1e3, 2),
                      "precision_knn": round(m["precision"], 3), "recall_knn": round(m["recall"], 3),
                      "sample_score_s": round(sample_s, 1)})
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = cli(__doc__.splitlines()[0], argv, add_arguments=extra, profile=False)
     cfg = QUICK if args.quick else FULL
-    cfg = replace(cfg, overrides=tuple(args.overrides), feature_net=args.feature_net, **({"minutes": args.minutes} if args.minutes else {}))
+    cfg = replace(cfg, overrides=tuple(args.overrides), feature_net=args.feature_net,
+                  minutes=args.minutes or cfg.minutes)
     res = run(cfg, args.output_dir)
     report(res, COLUMNS, args.json)
     return res

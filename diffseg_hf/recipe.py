@@ -55,10 +55,11 @@ class ModelConfig:
         from .models.blocks import RESIDUAL_BLOCKS
 
         if self.block not in RESIDUAL_BLOCKS:
-            raise RecipeError(f"unknown block type {self.block!r} (model.block); choose from {', '.join(RESIDUAL_BLOCKS)}")
+            raise RecipeError(f"unknown block type {self.block!r} (model.block); choose from "
+                              f"{', '.join(RESIDUAL_BLOCKS)}")
         if self.implementation == "diffusers" and (self.block != "resnet" or not self.mid_attention):
-            raise RecipeError("model.implementation=diffusers builds the stock UNet2DModel: it needs model.block=resnet "
-                              "and model.mid_attention=true")
+            raise RecipeError("model.implementation=diffusers builds the stock UNet2DModel: it needs "
+                              "model.block=resnet and model.mid_attention=true")
 
 
 @dataclass(frozen=True)
