@@ -41,7 +41,10 @@ def train_cmd(
                                             help="stop at this step (default: train.max_steps)"),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest | a checkpoint-N folder"),
 ) -> None:
-    """Train a DDPM. Multi-GPU / multi-process: `accelerate launch --multi_gpu --num_processes N -m diffseg_cli train ...`."""
+    """Train a DDPM.
+
+    Multi-GPU / multi-process: `accelerate launch --multi_gpu --num_processes N -m diffseg_cli train ...`.
+    """
     from diffseg_hf.recipe import load_recipe
     from diffseg_hf.training import train
 

@@ -141,7 +141,8 @@ def _load_eval(path: Path, protocol: dict) -> SampleQualityReport | None:
 
 def run_ablation(recipes: Sequence[str], seeds: int | Sequence[int], overrides: Sequence[str],
                  output_dir: str | os.PathLike, *, feature_net: str | os.PathLike | None,
-                 data_source: str | None = None, num_samples: int, num_real: int | None = None, num_sample_sets: int = 3, sampler: str = "ddim",
+                 data_source: str | None = None, num_samples: int, num_real: int | None = None,
+                 num_sample_sets: int = 3, sampler: str = "ddim",
                  steps: int = 50, max_steps: int | None = None, batch_size: int = 64,
                  cache_dir: str | os.PathLike | None = None, progress: bool = False,
                  log: Callable[[str], None] = logger.info) -> AblationResult:

@@ -97,8 +97,8 @@ def evaluate_classifier(classifier_dir: str | os.PathLike, *, model: str | None 
     test = load_test_set(segmenter, num_test)
     started = time.perf_counter()
     metrics = segmenter.evaluate(test)
-    result = {**metrics.to_dict(), "num_test_images": len(test), "eval_seconds": round(time.perf_counter() - started, 2),
-              "protocol": _protocol(segmenter, test)}
+    result = {**metrics.to_dict(), "num_test_images": len(test),
+              "eval_seconds": round(time.perf_counter() - started, 2), "protocol": _protocol(segmenter, test)}
     tables = [f"## diffusion features + pixel MLPs\n\n{format_iou_table(metrics)}"]
     base_dir = classifier_dir / BASELINE_DIR
     base_pred = None
