@@ -35,6 +35,12 @@ def main() -> None:
                     help="only summarize the results.json of these earlier --out folders (seeds run in parallel)")
     args = ap.parse_args()
 
+    if args.reuse_baseline is not None and not args.merge:  # fail before any fitting, not after the first seed
+        missing = [str(args.reuse_baseline / f"seed-{s}" / "baseline") for s in args.seeds
+                   if not (args.reuse_baseline / f"seed-{s}" / "baseline").is_dir()]
+        if missing:
+            ap.error(f"--reuse-baseline: no baseline folder {', '.join(missing)}; pass an earlier --out folder that "
+                     "has seed-S/baseline for every --seeds value, or drop the flag to train the baselines")
     rows = []
     for folder in args.merge or []:
         rows += json.loads((folder / "results.json").read_text())["rows"]
