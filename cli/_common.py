@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: one-line user errors and the recipe options."""
+"""Shared CLI plumbing: one-line user errors, the recipe options, and options whose choices come from a registry."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Callable
 
 import typer
 
+from diffseg_hf import registries
 from diffseg_hf.errors import DiffsegError
 
 DEBUG_VAR = "DIFFSEG_DEBUG"
@@ -38,3 +39,18 @@ def recipe_option():
 
 def set_option():
     return typer.Option(None, "--set", help="override a recipe value: --set train.lr=2e-4 (repeatable)")
+
+
+def registry_callback(registry: str) -> Callable[[str | None], str | None]:
+    """An option callback accepting only names of the registry (NAME:ARG forms included, as in recipes); the
+    error lists them, with a "did you mean"."""
+    def check(value: str | None) -> str | None:
+        if value is not None and not registries.is_valid(registry, value):
+            raise typer.BadParameter(registries.explain(registry, value))
+        return value
+    return check
+
+
+def registry_help(registry: str) -> str:
+    """The registry's names for help texts, read when the CLI module is imported."""
+    return ", ".join(registries.choices(registry))

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ._common import command, recipe_option, set_option
+from ._common import command, recipe_option, registry_callback, registry_help, set_option
 
 app = typer.Typer()
 RecipeOpt, SetOpt = recipe_option(), set_option()
@@ -61,7 +61,8 @@ def train_cmd(
 def sample_cmd(
     model: str = typer.Option(..., "--model", "-m", help="a pipeline or UNet folder (or Hub id)"),
     num_images: int = typer.Option(64, "--num-images", "-n", min=1),
-    scheduler: str = typer.Option("ddim", "--scheduler", help="ddpm | ddim"),
+    scheduler: str = typer.Option("ddim", "--scheduler", callback=registry_callback("sampler"),
+                                  help=f"sampler: {registry_help('sampler')}"),
     steps: Optional[int] = typer.Option(None, "--steps", help="sampling steps (default: 50 for ddim, all for ddpm)"),
     seed: int = typer.Option(0, "--seed"),
     batch_size: int = typer.Option(64, "--batch-size", min=1),

@@ -9,14 +9,14 @@ from typing import Optional
 
 import typer
 
-from ._common import command, set_option
+from ._common import command, registry_callback, registry_help, set_option
 
 app = typer.Typer()
 fid_net_app = typer.Typer(no_args_is_help=True, help="The offline feature network behind `diffseg fid`.")
 app.add_typer(fid_net_app, name="fid-net")
 
-DataOpt = typer.Option(..., "--data", "-d", help="a data source as in recipes' data.source: fashion-mnist, mnist, "
-                                                 "digits, imagefolder:PATH, hub:ID, ...")
+DataOpt = typer.Option(..., "--data", "-d", callback=registry_callback("data source"),
+                       help=f"a data source as in recipes' data.source: {registry_help('data source')}")
 PathOpt = typer.Option(None, "--path", help="local folder for the source (as data.path)")
 HubOpt = typer.Option(None, "--hub-id", help="Hub dataset id for the source (as data.hub_id)")
 FeatureNetOpt = typer.Option(None, "--feature-net", help="a `diffseg fid-net train` folder or 'inception' "
@@ -24,7 +24,8 @@ FeatureNetOpt = typer.Option(None, "--feature-net", help="a `diffseg fid-net tra
 CacheOpt = typer.Option(None, "--cache-dir", help="real-feature cache (default: ~/.cache/diffseg/fid)")
 SetsOpt = typer.Option(1, "--num-sample-sets", min=1, help="sample sets with seeds seed..seed+K-1; reports "
                                                            "each and the mean (the report averaged 3)")
-SchedulerOpt = typer.Option("ddim", "--scheduler", help="ddpm | ddim")
+SchedulerOpt = typer.Option("ddim", "--scheduler", callback=registry_callback("sampler"),
+                            help=f"sampler: {registry_help('sampler')}")
 
 
 @command(app, "fid")
@@ -135,7 +136,9 @@ def ablate_cmd(
     steps: int = typer.Option(50, "--steps", min=1, help="sampling steps"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="training steps (default: each "
                                             "recipe's train.max_steps; its LR schedule keeps that horizon)"),
-    data: Optional[str] = typer.Option(None, "--data", help="real data source (default: the recipes' data.source)"),
+    data: Optional[str] = typer.Option(None, "--data", callback=registry_callback("data source"),
+                                       help="real data source (default: the recipes' data.source): "
+                                            f"{registry_help('data source')}"),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="sampling batch size"),
     cache_dir: Optional[Path] = CacheOpt,
 ) -> None:

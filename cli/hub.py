@@ -65,6 +65,6 @@ def export_segmenter_cmd(
                                         help="the DDPM (default: the one the classifier records)"),
 ) -> None:
     """Write a segmentation pipeline folder: DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)."""
-    from diffseg_hf.hub import export_segmenter
+    from diffseg_hf.export import export_segmenter
 
     typer.echo(f"wrote the segmentation pipeline to {export_segmenter(classifier, to, model=model)}")

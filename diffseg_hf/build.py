@@ -17,7 +17,7 @@ def build_unet(recipe: Recipe) -> UNet2DModel:
         block_out_channels=m.block_out_channels, layers_per_block=m.layers_per_block,
         attention_resolutions=m.attention_resolutions, mid_attention=m.mid_attention,
         attention_head_dim=m.attention_head_dim, norm_num_groups=m.norm_num_groups, dropout=m.dropout,
-        convnext_expansion=m.convnext_expansion, convnext_kernel_size=m.convnext_kernel_size)
+        **m.block_options)
     if m.implementation == "diffusers":
         return UNet2DModel(**stock_kwargs(ours))
     return DiffsegUNet2DModel(**ours)

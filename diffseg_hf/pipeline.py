@@ -8,7 +8,7 @@ from pathlib import Path
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from .errors import CheckpointError
-from .hub import write_remote_code
+from .remote import write_remote_code
 from .models import load_unet
 
 RECIPE_FILE = "recipe.yaml"

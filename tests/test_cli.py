@@ -81,3 +81,25 @@ def test_module_entry_point_runs():
 
     out = subprocess.run([sys.executable, "-m", "diffseg_cli", "recipes"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "fashion-cpu" in out.stdout, out.stderr
+
+
+def _flat(output: str) -> str:
+    """Typer's boxed, wrapped output as one line of single-spaced words."""
+    import re
+
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
+
+
+def test_cli_choices_and_help_come_from_the_registries():
+    from diffseg_hf.data import source_choices
+    from diffseg_hf.schedule import SAMPLERS
+
+    result = runner.invoke(app, ["sample", "--model", "x", "--scheduler", "ddin"])
+    assert result.exit_code == 2, result.output
+    assert f"'ddin' is not one of {', '.join(SAMPLERS)}; did you mean 'ddim'?" in _flat(result.output)
+    result = runner.invoke(app, ["fid", "--model", "x", "--data", "cifar", "--num-samples", "2"])
+    assert result.exit_code == 2 and ", ".join(source_choices()) in _flat(result.output), result.output
+    for command in (["fid"], ["fid-net", "train"], ["sample"]):
+        text = _flat(runner.invoke(app, [*command, "--help"]).output)
+        names = source_choices() if command != ["sample"] else list(SAMPLERS)
+        assert ", ".join(names) in text, (command, text)

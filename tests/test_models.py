@@ -168,3 +168,15 @@ def test_plugs_into_ddpm_pipeline(tmp_path):
     images = pipe(batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
                   output_type="np").images
     assert images.shape == (2, 16, 16, 1)
+
+
+def test_every_block_option_is_an_explicit_unet_argument():
+    """register_to_config saves only explicit arguments: each declared option must be one, with its default."""
+    import inspect
+
+    from diffseg_hf.models import BLOCK_OPTIONS
+
+    signature = inspect.signature(DiffsegUNet2DModel.__init__).parameters
+    for key, default in BLOCK_OPTIONS.items():
+        assert key in signature and signature[key].default == default, key
+    assert tiny_unet("convnext", convnext_kernel_size=3).down_blocks[0].resnets[0].depthwise.kernel_size == (3, 3)

@@ -95,3 +95,53 @@ def test_recipe_file_with_base_and_round_trip(tmp_path):
         load_recipe(tmp_path / "loop.yaml")
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+# ------------------------------------------------------------------ names come from their registries
+
+@pytest.mark.parametrize("override, message", [
+    ("data.source=fashion-mnis", r"data\.source: 'fashion-mnis' is not one of fashion-mnist, .*imagefolder:PATH, "
+                                 r"hub:ID.*; did you mean 'fashion-mnist'\?"),
+    ("data.source=imagefolde:/x", r"data\.source: 'imagefolde:/x' is not one of .*did you mean 'imagefolder:/x'\?"),
+    ("data.source=digits:x", r"data\.source: 'digits:x' is not one of .*; digits takes no argument"),
+    ("sample.scheduler=ddin", r"sample\.scheduler: 'ddin' is not one of ddpm, ddim; did you mean 'ddim'\?"),
+    ("scheduler.schedule=cosin", r"scheduler\.schedule: 'cosin' is not one of linear, cosine; did you mean"),
+    ("model.block=convnex", r"unknown block type 'convnex' \(model\.block\); choose from .*did you mean 'convnext'"),
+    ("model.convnext_expansion=two", r"model\.convnext_expansion: expected an integer, got 'two'"),
+    ("model.convnext_expanson=2", r"unknown key model\.convnext_expanson; did you mean model\.convnext_expansion\?"),
+])
+def test_registry_names_are_checked_when_the_recipe_loads(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("fashion-cpu", [override])
+
+
+def test_prefixed_sources_and_registry_defaults_load():
+    for source in ("imagefolder:/some/folder", "hub:ylecun/mnist", "imagefolder", "voc"):
+        assert load_recipe("fashion-cpu", [f"data.source={source}"]).data.source == source
+
+
+def test_every_registry_backed_default_is_a_registry_key():
+    import dataclasses
+
+    from diffseg_hf import recipe as recipe_module
+    from diffseg_hf import registries
+
+    sections = [c for c in vars(recipe_module).values() if dataclasses.is_dataclass(c) and isinstance(c, type)]
+    marked = [(c, f) for c in sections for f in dataclasses.fields(c) if "registry" in f.metadata]
+    assert {f.name for _, f in marked} >= {"source", "schedule", "scheduler"}
+    for cls, f in marked:
+        assert f.metadata["registry"] in registries.REGISTRIES, (cls.__name__, f.name)
+        if f.default is not None and f.default is not dataclasses.MISSING:
+            registries.check(f.metadata["registry"], f.default, f"{cls.__name__}.{f.name}")
+
+
+def test_block_options_come_from_the_block_declaration():
+    from diffseg_hf.models import BLOCK_OPTIONS, RESIDUAL_BLOCKS
+
+    r = load_recipe("mnist-convnext")
+    assert r.model.block_options == BLOCK_OPTIONS == RESIDUAL_BLOCKS["convnext"].options
+    assert r.model.convnext_expansion == 2 and r.model.convnext_kernel_size == 7  # attribute access as before
+    r = load_recipe("mnist-convnext", ["model.convnext_expansion=3"])
+    assert r.model.convnext_expansion == 3 and build_unet(r).config.convnext_expansion == 3
+    model = r.to_dict()["model"]  # written flat, as before: saved recipes keep their keys
+    assert "block_options" not in model and model["convnext_expansion"] == 3 and model["convnext_kernel_size"] == 7

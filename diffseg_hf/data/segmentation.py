@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffseg_hf.data.readers import (VOC_LAYOUT, arrays_to_dataset, load_fashion_mnist_arrays, resolve_voc_root,
+                                    voc_image_ids)
 from diffseg_hf.data.transforms import images_to_uint8
 from diffseg_hf.errors import DataError
 
@@ -53,7 +55,6 @@ FASHION_SEG_CLASSES = (
     "background", "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
     "ankle boot",
 )  # fmt: skip
-VOC_LAYOUT = "VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation/{train,val}.txt}"
 VOC_SPLITS = ("train", "val", "trainval")
 
 
@@ -161,8 +162,6 @@ def load_voc_segmentation(
 ) -> SegmentationSet:
     """Read a local VOC 2012 segmentation split (train, val or trainval; the first `limit` ids when given).
     `root` is the VOCdevkit folder, the VOC2012 folder or its parent."""
-    from diffseg_hf.data.sources import resolve_voc_root, voc_image_ids
-
     if split not in VOC_SPLITS:
         raise DataError(f"unknown VOC split '{split}'; choose from {', '.join(VOC_SPLITS)}")
     if limit is not None and limit < 1:
@@ -299,8 +298,6 @@ def load_fashion_seg(
     path: str | None = None,
 ) -> SegmentationSet:
     """fashion-seg canvases of one split, built from that Fashion-MNIST split only."""
-    from diffseg_hf.data.sources import load_fashion_mnist_arrays
-
     images, labels = load_fashion_mnist_arrays(split, path)
     return build_fashion_seg(images, labels, num_canvases=num_canvases, canvas_size=canvas_size, seed=seed)
 
@@ -311,7 +308,5 @@ def load_fashion_seg(
 def segmentation_images_dataset(seg_set: SegmentationSet) -> datasets.Dataset:
     """The set's images as a `datasets.Dataset` with one `image` column of uint8 arrays:
     (H, W) for one channel, (H, W, C) otherwise (the layout of a PIL image)."""
-    from diffseg_hf.data.sources import arrays_to_dataset
-
     images = seg_set.images.numpy()  # (N, C, H, W)
     return arrays_to_dataset(images[:, 0] if images.shape[1] == 1 else images.transpose(0, 2, 3, 1))

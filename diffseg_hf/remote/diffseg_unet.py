@@ -5,15 +5,19 @@ types) AND the file that ships as `unet/diffseg_unet.py` inside saved pipeline f
 `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads the model without diffseg_hf.
 Never import diffseg_hf here.
 
-Blocks: a residual-block registry (ResNet, AdaGN, ConvNeXt) and the down / mid / up blocks that stack them
-with optional self-attention. Parameter names follow diffusers' `DownBlock2D` / `AttnDownBlock2D` /
+Blocks: a residual-block registry (`RESIDUAL_BLOCKS`: each type's factory and its own options with their
+defaults) and the down / mid / up blocks that stack them with optional self-attention. A new block type is
+a class, a registry entry and, for each of its options, one explicit argument of `DiffsegUNet2DModel`
+(diffusers' `register_to_config` saves only explicit arguments); its options are then recipe keys
+`model.<option>` with the declared defaults. Parameter names follow diffusers' `DownBlock2D` / `AttnDownBlock2D` /
 `UNetMidBlock2D` / `UpBlock2D` (`resnets`, `attentions`, `downsamplers`, `upsamplers`), so the baseline loads
 a stock `UNet2DModel` state dict unchanged and feature hooks address the same module names.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,24 +65,35 @@ def _resnet(scale_shift: bool) -> Callable[..., nn.Module]:
     return make
 
 
-def _convnext(in_channels, out_channels, temb_channels, *, dropout, expansion, kernel_size, **_):
-    return ConvNeXtBlock2D(in_channels, out_channels, temb_channels, expansion=expansion,
-                           kernel_size=kernel_size, dropout=dropout)
+def _convnext(in_channels, out_channels, temb_channels, *, dropout, convnext_expansion, convnext_kernel_size, **_):
+    return ConvNeXtBlock2D(in_channels, out_channels, temb_channels, expansion=convnext_expansion,
+                           kernel_size=convnext_kernel_size, dropout=dropout)
 
 
-# name -> factory(in, out, temb, **options). Keys feed recipe validation and CLI choices.
+@dataclass(frozen=True)
+class BlockType:
+    """A residual-block type: `make(in, out, temb, *, groups, eps, dropout, act_fn, **every_block_option)` and
+    its own options, name -> default (the name is the UNet config key and the recipe key `model.<name>`;
+    values are typed like their defaults)."""
+
+    make: Callable[..., nn.Module]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+# name -> block type. The keys are the only list of block names: recipes, the CLI and the docs take them here.
 # "adagn": adaptive group norm, norm(h) * (1 + scale) + shift from the time embedding (Dhariwal & Nichol 2021).
-RESIDUAL_BLOCKS: dict[str, Callable[..., nn.Module]] = {
-    "resnet": _resnet(scale_shift=False),
-    "adagn": _resnet(scale_shift=True),
-    "convnext": _convnext,
+RESIDUAL_BLOCKS: dict[str, BlockType] = {
+    "resnet": BlockType(_resnet(scale_shift=False)),
+    "adagn": BlockType(_resnet(scale_shift=True)),
+    "convnext": BlockType(_convnext, {"convnext_expansion": 2, "convnext_kernel_size": 7}),
 }
+BLOCK_OPTIONS = {key: default for block in RESIDUAL_BLOCKS.values() for key, default in block.options.items()}
 
 
 def residual_block_factory(name: str, error: type[Exception] = ValueError) -> Callable[..., nn.Module]:
     if name not in RESIDUAL_BLOCKS:
         raise error(f"unknown block type {name!r} (model.block); choose from {', '.join(RESIDUAL_BLOCKS)}")
-    return RESIDUAL_BLOCKS[name]
+    return RESIDUAL_BLOCKS[name].make
 
 
 class FP32AttnProcessor(AttnProcessor2_0):
@@ -193,7 +208,7 @@ class UpBlock(_Block):
 
 
 class DiffsegUNet2DModel(UNet2DModel):
-    """UNet for DDPMs with `block` in {"resnet", "adagn", "convnext"} and attention at chosen resolutions.
+    """UNet for DDPMs with `block` a key of `RESIDUAL_BLOCKS` and attention at chosen resolutions.
 
     `attention_resolutions` lists feature-map sizes (e.g. (8,) at 32x32 input: the third level) that get
     self-attention after every residual block; `mid_attention` toggles the mid block's attention.
@@ -221,8 +236,9 @@ class DiffsegUNet2DModel(UNet2DModel):
         norm_eps: float = 1e-5,
         dropout: float = 0.0,
         act_fn: str = "silu",
-        convnext_expansion: int = 2,
-        convnext_kernel_size: int = 7,
+        # the block types' options (BLOCK_OPTIONS), each explicit so that it is saved in config.json
+        convnext_expansion: int = BLOCK_OPTIONS["convnext_expansion"],
+        convnext_kernel_size: int = BLOCK_OPTIONS["convnext_kernel_size"],
         flip_sin_to_cos: bool = True,
         freq_shift: int = 0,
         time_embedding_dim: int | None = None,
@@ -231,6 +247,8 @@ class DiffsegUNet2DModel(UNet2DModel):
         time_embedding_type: str = "positional",
         class_embed_type: str | None = None,
     ):
+        arguments = dict(locals())  # before anything else is bound
+        block_options = {k: arguments[k] for k in BLOCK_OPTIONS}
         ModelMixin.__init__(self)
         if time_embedding_type != "positional" or class_embed_type is not None or center_input_sample:
             raise self._config_error("DiffsegUNet2DModel supports only positional time embeddings without class "
@@ -242,8 +260,7 @@ class DiffsegUNet2DModel(UNet2DModel):
                                          f"model.norm_num_groups={norm_num_groups}")
         self.sample_size = sample_size
         time_embed_dim = time_embedding_dim or block_out_channels[0] * 4
-        block_kwargs = dict(dropout=dropout, act_fn=act_fn, expansion=convnext_expansion,
-                            kernel_size=convnext_kernel_size)
+        block_kwargs = dict(dropout=dropout, act_fn=act_fn, **block_options)
         shared = dict(head_dim=attention_head_dim, groups=norm_num_groups, eps=norm_eps, block_kwargs=block_kwargs)
         resolutions = [sample_size // 2**i for i in range(len(block_out_channels))]  # feature-map size per level
 
