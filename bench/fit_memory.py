@@ -28,6 +28,7 @@ from diffseg_hf.data.segmentation import SegmentationSet
 from diffseg_hf.features import FeatureExtractor
 from diffseg_hf.models import DiffsegUNet2DModel
 from diffseg_hf.pixel_classifier import fit_ensemble
+from diffseg_hf.readout import ReadoutConfig
 from diffseg_hf.schedule import make_scheduler
 
 # reference: features built per image on top of the stored ones (model, activations, one batch)
@@ -88,12 +89,13 @@ def measure_fit(n: int, resolution: int, block_out_channels: list[int], norm_num
         marks["peak_before_fit_mb"], marks["t_fit_start"] = peak_rss_mb(), time.perf_counter()
         return fit_ensemble(*args, **kwargs)
 
-    extra = {k: v for k, v in (("memory_mb", memory_mb), ("image_batch", image_batch)) if v is not None}
+    readout = ReadoutConfig(num_members=num_members, max_epochs=max_epochs, seed=seed,
+                            **({"memory_mb": memory_mb} if memory_mb is not None else {}))
     segmentation.fit_ensemble = instrumented
     try:
         start = time.perf_counter()
-        _, stats = segmentation.fit_segmenter(unet, scheduler, data, model_location="random-init",
-                                              num_members=num_members, max_epochs=max_epochs, seed=seed, **extra)
+        _, stats = segmentation.fit_segmenter(unet, scheduler, data, model_location="random-init", readout=readout,
+                                              image_batch=image_batch)
         end = time.perf_counter()
     finally:
         segmentation.fit_ensemble = fit_ensemble
@@ -128,7 +130,7 @@ def measure_reference(n: int, resolution: int, block_out_channels: list[int], no
 def _fit_defaults(cfg: Config) -> tuple[float, int]:
     """(memory_mb, image_batch) as fit_segmenter will use them."""
     params = inspect.signature(segmentation.fit_segmenter).parameters
-    return (cfg.memory_mb or params["memory_mb"].default, cfg.image_batch or params["image_batch"].default)
+    return (cfg.memory_mb or ReadoutConfig().memory_mb, cfg.image_batch or params["image_batch"].default)
 
 
 def run(cfg: Config) -> dict:

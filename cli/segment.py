@@ -25,18 +25,54 @@ def fit_cmd(
                                               help="labelled images (segment.num_labeled)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="classifier seed (segment.seed)"),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="also train the supervised baseline"),
+    tune: bool = typer.Option(False, "--tune", help="first choose timesteps, blocks and head by cross-validation "
+                              "on the labelled images (as `diffseg segment tune`); the choice lands in tune.json"),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", min=0.1,
+                                                   help="with --tune: stop trying candidates after this long"),
     output_dir: Path = typer.Option(..., "--output-dir", "-o"),
 ) -> None:
-    """Fit the pixel-MLP ensemble on the recipe's labelled images (and the supervised baseline beside it)."""
+    """Fit the readout head on the recipe's labelled images (and the supervised baseline beside it)."""
     from diffseg_hf.recipe import load_recipe
     from diffseg_hf.segment_runs import fit_from_recipe
 
+    summary = fit_from_recipe(load_recipe(recipe, _overrides(set_, num_labeled, seed)), model, output_dir,
+                              baseline=baseline, tune=tune, tune_budget_minutes=budget_minutes, progress=True)
+    typer.echo(f"fitted a {summary['head']} head on {summary['num_labeled']} labelled images "
+               f"({summary['pixels_kept']} pixels, D={summary['feature_dim']}) in {summary['fit_seconds']} s; "
+               f"classifier in {output_dir}")
+
+
+def _overrides(set_: Optional[list[str]], num_labeled: Optional[int], seed: Optional[int]) -> list[str]:
     overrides = list(set_ or [])
     overrides += [f"segment.num_labeled={num_labeled}"] if num_labeled is not None else []
     overrides += [f"segment.seed={seed}"] if seed is not None else []
-    summary = fit_from_recipe(load_recipe(recipe, overrides), model, output_dir, baseline=baseline, progress=True)
-    typer.echo(f"fitted on {summary['num_labeled']} labelled images ({summary['pixels_kept']} pixels, "
-               f"D={summary['feature_dim']}) in {summary['fit_seconds']} s; classifier in {output_dir}")
+    return overrides
+
+
+@command(app, "tune")
+def tune_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="a trained DDPM folder or a Hub id (default: the recipe's segment.model)"),
+    recipe: str = recipe_option(),
+    set_: Optional[list[str]] = set_option(),
+    num_labeled: Optional[int] = typer.Option(None, "--num-labeled", min=2, help="labelled images (segment.num_labeled)"),
+    folds: int = typer.Option(3, "--folds", min=2, help="k of the k-fold cross-validation"),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", min=0.1,
+                                                   help="stop trying candidates after this long"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="write tune.json and tune.md here"),
+) -> None:
+    """Rank timesteps x blocks x readout head by k-fold cross-validation on the LABELLED images only."""
+    from diffseg_hf.recipe import load_recipe
+    from diffseg_hf.segment_runs import tune_from_recipe
+    from diffseg_hf.tuning import format_tune_table
+
+    result = tune_from_recipe(load_recipe(recipe, _overrides(set_, num_labeled, None)), model, output_dir,
+                              folds=folds, budget_minutes=budget_minutes, progress=True)
+    typer.echo(format_tune_table(result))
+    if result["skipped"]:
+        typer.echo(f"({len(result['skipped'])} candidates left out by --budget-minutes {budget_minutes})")
+    typer.echo(f"best: {' '.join('--set ' + o for o in result['best']['overrides'])}"
+               f"  ({result['folds']}-fold CV on {result['num_labeled']} labelled images, {result['seconds']} s)")
 
 
 @command(app, "eval")

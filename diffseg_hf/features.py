@@ -24,10 +24,11 @@ import torch
 from diffusers import SchedulerMixin, UNet2DModel
 
 from diffseg_hf.errors import DiffsegError
-from diffseg_hf.remote.pipeline_diffseg_segmentation import (NOISE_PROTOCOLS, add_upsampled, block_output,
-                                                             feature_offsets, noised_forwards)
+from diffseg_hf.remote.pipeline_diffseg_segmentation import (NOISE_PROTOCOLS, FeatureProtocol, add_upsampled,
+                                                             check_images, decoder_hooks, feature_offsets,
+                                                             noised_forwards)
 
-__all__ = ["NOISE_PROTOCOLS", "FeatureBatch", "FeatureExtractor"]
+__all__ = ["NOISE_PROTOCOLS", "FeatureBatch", "FeatureExtractor", "FeatureProtocol"]
 
 
 @dataclass
@@ -54,7 +55,9 @@ class FeatureExtractor:
 
     ``extract`` also works outside ``with`` (it registers the hooks for the call only).
     ``batch_size`` is the number of IMAGES per UNet forward (each forward holds all T timesteps of its
-    images); None runs the whole batch at once. ``dtype`` is the dtype of the returned features.
+    images); None runs the whole batch at once. ``dtype`` is the dtype of the returned features. The settings
+    form a `FeatureProtocol` (``self.protocol``; build from one with ``from_protocol``); ``flip`` is recorded
+    there for the readout (which reads the mirrored images as a second view), ``extract`` itself never flips.
     """
 
     def __init__(
@@ -70,44 +73,37 @@ class FeatureExtractor:
         upsample_to: int | tuple[int, int] | None = None,
         dtype: torch.dtype = torch.float32,
         batch_size: int | None = None,
+        flip: bool = False,
     ) -> None:
         self.unet, self.scheduler = unet, scheduler
-        modules = dict(unet.named_modules())
-        default = [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
-        self.blocks = list(default if blocks is None else blocks)
-        for name in self.blocks:
-            if name not in modules or name == "":
-                raise DiffsegError(
-                    f"unknown feature block {name!r}; choose from {', '.join(default)} "
-                    "(or any name in unet.named_modules(), e.g. 'up_blocks.0.resnets.0')"
-                )
-        if len(set(self.blocks)) != len(self.blocks) or not self.blocks:
-            raise DiffsegError(f"feature blocks {self.blocks} must be non-empty and distinct")
-        num_train = scheduler.config.num_train_timesteps
-        self.timesteps = [int(t) for t in timesteps]
-        if not self.timesteps or any(not 0 <= t < num_train for t in self.timesteps):
-            raise DiffsegError(f"feature timesteps {self.timesteps} must lie in [0, {num_train - 1}]")
-        if noise not in NOISE_PROTOCOLS:
-            raise DiffsegError(f"unknown noise protocol {noise!r}; choose from {', '.join(NOISE_PROTOCOLS)}")
-        if num_noise_draws < 1 or (noise == "fixed" and num_noise_draws != 1):
-            raise DiffsegError(
-                f"num_noise_draws={num_noise_draws}: use 1 with noise='fixed', or >= 1 with noise='mean'"
-            )
         if batch_size is not None and batch_size < 1:
             raise DiffsegError(f"feature batch_size={batch_size} must be >= 1 (or None for all images)")
+        try:
+            self.protocol = FeatureProtocol(blocks=None if blocks is None else tuple(blocks), timesteps=tuple(timesteps),
+                                            noise=noise, num_noise_draws=num_noise_draws, noise_seed=seed, flip=flip)
+            self.blocks = self.protocol.check(unet, scheduler.config.num_train_timesteps)
+        except ValueError as e:
+            raise DiffsegError(str(e)) from None
+        self.timesteps = list(self.protocol.timesteps)
         self.noise, self.num_noise_draws, self.seed = noise, num_noise_draws, seed
         self.upsample_to = (upsample_to, upsample_to) if isinstance(upsample_to, int) else upsample_to
         self.dtype, self.batch_size = dtype, batch_size
-        self._targets = {name: modules[name] for name in self.blocks}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._acts: dict[str, torch.Tensor] = {}
         self._channels: dict[str, int] | None = None
 
+    @classmethod
+    def from_protocol(cls, unet: UNet2DModel, scheduler: SchedulerMixin, protocol: FeatureProtocol, *,
+                      batch_size: int | None = None, dtype: torch.dtype = torch.float32) -> FeatureExtractor:
+        """The extractor of a `FeatureProtocol` (the object classifier folders and recipes carry)."""
+        return cls(unet, scheduler, blocks=protocol.blocks, timesteps=protocol.timesteps, noise=protocol.noise,
+                   num_noise_draws=protocol.num_noise_draws, seed=protocol.noise_seed, flip=protocol.flip,
+                   batch_size=batch_size, dtype=dtype)
+
     # hooks ------------------------------------------------------------------------------------------
     def __enter__(self) -> FeatureExtractor:
         assert not self._handles, f"hooks already registered on {self.blocks}"
-        for name, module in self._targets.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        self._handles = decoder_hooks(self.unet, self.blocks, self._acts)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -115,12 +111,6 @@ class FeatureExtractor:
             handle.remove()
         self._handles.clear()
         self._acts.clear()
-
-    def _make_hook(self, name: str):
-        def hook(module: torch.nn.Module, inputs: object, output: object) -> None:
-            self._acts[name] = block_output(output).detach()
-
-        return hook
 
     # sizes ------------------------------------------------------------------------------------------
     @property
@@ -170,12 +160,10 @@ class FeatureExtractor:
         if not self._handles:  # outside `with`: hooks for this call only
             with self:
                 return self._extract(images, per_timestep)
-        c = self.unet.config.in_channels
-        if images.dim() != 4 or images.shape[1] != c:
-            raise DiffsegError(f"images must be (N, {c}, H, W) for this UNet, got {tuple(images.shape)}")
-        lo, hi = float(images.min()), float(images.max())
-        if lo < -1.001 or hi > 1.001:
-            raise DiffsegError(f"images must be scaled to [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; use x * 2 - 1")
+        try:
+            check_images(images, self.unet.config.in_channels)
+        except ValueError as e:
+            raise DiffsegError(str(e)) from None
         size = self.upsample_to or tuple(images.shape[-2:])
         acc_dtype = self.dtype if self.num_noise_draws == 1 else torch.float32
         out = torch.zeros(images.shape[0], self.feature_dim, *size, dtype=acc_dtype)  # (N, D, H, W)

@@ -1,6 +1,6 @@
 """The reference pixel classifier (an ensemble of small MLPs) as ONE vectorized module, trained in one
 loop, fed from a memory-bounded pixel store, saved as safetensors + JSON. The stacked layers, ``vote`` and
-the chunked prediction loop are defined once in ``diffseg_hf.remote.pixel_ensemble`` (the file segmentation
+the view-combining prediction loop are defined once in ``diffseg_hf.remote.pixel_ensemble`` (the file segmentation
 pipelines ship) and imported here.
 
 Reference: Baranchuk et al. 2021, yandex-research/ddpm-segmentation ``src/pixel_classifier.py`` and
@@ -19,11 +19,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffseg_hf.errors import CheckpointError, DataError
-from diffseg_hf.remote.pixel_ensemble import (StackedBatchNorm, StackedLinear, predict_in_chunks, run_stacked,
-                                              stacked_mlp, vote)
+from diffseg_hf.remote.pixel_ensemble import (StackedBatchNorm, StackedLinear, add_standardization,
+                                              mlp_member_logits, predict_views, run_stacked, stacked_mlp,
+                                              standardize, vote)
 
 __all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "member_hidden_sizes", "StackedLinear", "StackedBatchNorm", "PixelEnsemble",
            "drop_small_classes", "PixelStore", "fit_ensemble", "fit_members_sequential", "vote", "predict",
+           "feature_statistics",
            "save_classifier", "load_classifier"]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -37,21 +39,33 @@ def member_hidden_sizes(num_classes: int) -> tuple[int, int]:
 
 class PixelEnsemble(nn.Module):
     """E members D -> h1 -> h2 -> C (Linear, ReLU, BatchNorm1d, Linear, ReLU, BatchNorm1d, Linear) as one
-    module. Input (B, D) (shared by all members) or (E, B, D); output logits (E, B, C)."""
+    module. Input (B, D) (shared by all members) or (E, B, D); output logits (E, B, C).
+
+    ``standardize``: inputs are standardised per channel first, with ``feature_mean``/``feature_std`` buffers
+    that ``fit_ensemble`` fills from the training pixels (``feature_statistics``)."""
 
     def __init__(self, num_members: int, in_features: int, num_classes: int,
-                 hidden: Sequence[int] | None = None) -> None:
+                 hidden: Sequence[int] | None = None, standardize: bool = False) -> None:
         super().__init__()
         self.hidden = tuple(hidden or member_hidden_sizes(num_classes))
         self.num_members, self.in_features, self.num_classes = num_members, in_features, num_classes
+        self.standardize = standardize
+        if standardize:
+            add_standardization(self, in_features)
         self.layers = stacked_mlp(num_members, in_features, self.hidden, num_classes)  # indices as each member's
 
     def architecture(self) -> dict[str, object]:
-        return {"num_members": self.num_members, "in_features": self.in_features,
+        arch = {"num_members": self.num_members, "in_features": self.in_features,
                 "hidden": list(self.hidden), "num_classes": self.num_classes}
+        return {**arch, "standardize": True} if self.standardize else arch
 
     def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        x = standardize(self, x, x.dim() - 1)
         return run_stacked(self.layers, x, members)  # (E, B, C); E' = len(members) when members are given
+
+    def member_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(E, N, H, W, C) of features (N, D, H, W)."""
+        return mlp_member_logits(self.layers, self, features)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
@@ -216,8 +230,25 @@ class PixelStore:
 
 
 # training ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def feature_statistics(features: torch.Tensor, rows: torch.Tensor | None = None, chunk: int = 65536
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation (float32, (D,)) of pixel features (P, D) (only ``rows`` when
+    given), accumulated in float64 ``chunk`` rows at a time; a constant channel gets std 1."""
+    rows = torch.arange(len(features)) if rows is None else rows
+    total = torch.zeros(features.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for s in range(0, len(rows), chunk):
+        part = features[rows[s : s + chunk]].double()
+        total += part.sum(0)
+        squares += part.square().sum(0)
+    mean = total / len(rows)
+    std = (squares / len(rows) - mean.square()).clamp_min(0).sqrt()
+    return mean.float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float()
+
+
 def _prepare(features: torch.Tensor, labels: torch.Tensor, num_classes: int, num_members: int,
-             ignore_index: int, seed: int, dtype: torch.dtype):
+             ignore_index: int, seed: int, dtype: torch.dtype, standardize: bool = False):
     """(labelled pixel indices, initial ensemble, one shuffling generator per member)."""
     if features.dim() != 2 or labels.shape != features.shape[:1]:
         raise DataError(f"features must be (P, D) and labels (P,), got {tuple(features.shape)} and "
@@ -226,8 +257,10 @@ def _prepare(features: torch.Tensor, labels: torch.Tensor, num_classes: int, num
     valid = (labels != ignore_index).nonzero().flatten()  # (P',)
     if len(valid) < 2:
         raise DataError(f"only {len(valid)} labelled pixels to train the pixel classifier on; add labelled images")
-    ensemble = PixelEnsemble(num_members, features.shape[1], num_classes)
+    ensemble = PixelEnsemble(num_members, features.shape[1], num_classes, standardize=standardize)
     ensemble.reset_parameters(torch.Generator().manual_seed(seed))
+    if standardize:  # statistics of the labelled training pixels only
+        ensemble.feature_mean, ensemble.feature_std = feature_statistics(features, valid)
     generators = [torch.Generator().manual_seed(1_000_003 * (seed + 1) + e) for e in range(num_members)]
     return valid, ensemble.to(dtype).train(), generators
 
@@ -265,12 +298,15 @@ class _EarlyStop:
 def fit_ensemble(features: torch.Tensor, labels: torch.Tensor, *, num_classes: int, num_members: int = 10,
                  batch_size: int = 64, lr: float = 1e-3, max_epochs: int = 100, patience: int = 50,
                  min_epochs: int = 4, ignore_index: int = 255, seed: int = 0, progress: bool = False,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PixelEnsemble:
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 standardize: bool = False) -> PixelEnsemble:
     """Train all members in one vectorized loop; each member has its own shuffling and stops on its own
     (``_EarlyStop``, at most ``max_epochs``), after which its parameters and statistics stay fixed.
     Features (P, D) may be float16; a final batch of one pixel is skipped (BatchNorm needs two).
+    ``standardize``: the ensemble standardises its inputs with the statistics of these pixels.
     """
-    valid, ensemble, generators = _prepare(features, labels, num_classes, num_members, ignore_index, seed, dtype)
+    valid, ensemble, generators = _prepare(features, labels, num_classes, num_members, ignore_index, seed, dtype,
+                                           standardize)
     ensemble.to(device)
     params = list(ensemble.parameters())
     optimizer = torch.optim.Adam(params, lr=lr, fused=True)  # fused: one pass over the params, ~9x faster on CPU
@@ -348,20 +384,22 @@ def fit_members_sequential(features: torch.Tensor, labels: torch.Tensor, *, num_
 
 # prediction -----------------------------------------------------------------------------------------
 @torch.no_grad()
-def predict(ensemble: PixelEnsemble, features: torch.Tensor, *, chunk: int = 65536
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(ensemble: PixelEnsemble, features: torch.Tensor, *, chunk: int = 65536, vote_mode: str = "hard",
+            mirrored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels (int64) and uncertainty (float32) for features (N, D, H, W) -> (N, H, W) or (P, D) -> (P,),
-    computed ``chunk`` pixels at a time (whole images grouped when an image fits in a chunk); ``vote``
-    combines the members."""
+    computed ``chunk`` pixels at a time; ``vote`` combines the members (``vote_mode`` "hard" or "soft").
+    ``mirrored``: features of the mirrored images (test-time flipping), whose members join the vote."""
     was_training = ensemble.training
     ensemble.eval()
     device, dtype = ensemble.layers[0].weight.device, ensemble.layers[0].weight.dtype
     flat = features.dim() == 2
-    x = features if not flat else features.T[None, :, :, None]  # (N, D, H, W)
-    d = x.shape[1]
+    views = [features.T[None, :, :, None]] if flat else [features]  # (N, D, H, W)
+    views += [] if mirrored is None else [mirrored]
+    d = views[0].shape[1]
     assert d == ensemble.in_features, f"features have D={d}, classifier expects {ensemble.in_features}"
     try:
-        labels, uncertainty = predict_in_chunks(lambda xc: ensemble(xc.to(device, dtype)), x, chunk=chunk)
+        labels, uncertainty = predict_views(lambda xc: ensemble.member_logits(xc.to(device, dtype)), views,
+                                            vote_mode=vote_mode, chunk=chunk)
     finally:
         ensemble.train(was_training)
     if flat:

@@ -4,6 +4,11 @@ A recipe may start from another with `base: NAME` (deep merge), so ablation vari
 change. `--set section.key=value` overrides are parsed as YAML scalars and validated like file values.
 Unknown keys and wrong types are `RecipeError`s naming the key path. Derived values (model channels from
 the data, global batch) are properties, never written in a file.
+
+Names (data sources, block types, schedules, samplers, ...) come from their registries: a field marked
+`field(metadata={"registry": NAME})` is checked against the registry `diffseg_hf.registries.REGISTRIES[NAME]`
+when the recipe loads, with a "did you mean". Registries live in higher layers than the recipe; this module
+reaches them only through `diffseg_hf.registries`, which imports a registry on its first lookup.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from typing import Any, Literal
 
 import yaml
 
+from . import registries
 from .errors import RecipeError
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "fashion-mnist"  # a key of diffseg_hf.data.IMAGE_SOURCES, or "imagefolder:PATH" / "hub:ID"
+    # a key of diffseg_hf.data.IMAGE_SOURCES, or "imagefolder:PATH" / "hub:ID"
+    source: str = field(default="fashion-mnist", metadata={"registry": "data source"})
     path: str | None = None  # local folder overriding the source's default location
     hub_id: str | None = None  # Hub dataset id for sources that can stream from the Hub (mnist, voc)
     split: str = "train"
@@ -37,10 +44,16 @@ class DataConfig:
     shuffle_buffer: int = 1000  # streaming only
 
 
+def _block_option_defaults() -> dict[str, Any]:
+    """model.<option> -> default for the options each block type declares beside itself (`BlockType.options`
+    in diffseg_hf.remote.diffseg_unet.RESIDUAL_BLOCKS)."""
+    return {key: default for block in registries.lookup("block").values() for key, default in block.options.items()}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     implementation: Literal["diffseg", "diffusers"] = "diffseg"  # diffusers: the stock UNet2DModel (block resnet)
-    block: str = "resnet"  # a key of diffseg_hf.models.RESIDUAL_BLOCKS
+    block: str = "resnet"  # a key of the "block" registry (diffseg_hf.models.RESIDUAL_BLOCKS), checked below
     block_out_channels: tuple[int, ...] = (32, 64, 128)
     layers_per_block: int = 1
     attention_resolutions: tuple[int, ...] = (8,)  # feature-map sizes that get self-attention
@@ -48,23 +61,37 @@ class ModelConfig:
     attention_head_dim: int | None = 8
     norm_num_groups: int = 8
     dropout: float = 0.0
-    convnext_expansion: int = 2
-    convnext_kernel_size: int = 7
+    # the block types' own options (model.convnext_expansion, ...), written flat in the section like the keys
+    # above; declared with their defaults beside each block, so a new option needs no line here. Every declared
+    # option is filled in (defaults resolved) and reads like a field: recipe.model.convnext_expansion.
+    block_options: dict[str, Any] = field(default_factory=dict, hash=False, metadata={"flat": _block_option_defaults})
 
     def __post_init__(self):
-        from .models.blocks import RESIDUAL_BLOCKS
-
-        if self.block not in RESIDUAL_BLOCKS:
-            raise RecipeError(f"unknown block type {self.block!r} (model.block); choose from "
-                              f"{', '.join(RESIDUAL_BLOCKS)}")
+        blocks = registries.lookup("block")
+        if self.block not in blocks:
+            close = difflib.get_close_matches(self.block, list(blocks), n=1)
+            raise RecipeError(f"unknown block type {self.block!r} (model.block); choose from {', '.join(blocks)}"
+                              + (f"; did you mean {close[0]!r}?" if close else ""))
+        defaults = _block_option_defaults()
+        unknown = sorted(set(self.block_options) - set(defaults))
+        if unknown:
+            raise RecipeError(f"unknown block option model.{unknown[0]}; the block types declare "
+                              f"{', '.join(defaults)}")
+        object.__setattr__(self, "block_options", {k: self.block_options.get(k, d) for k, d in defaults.items()})
         if self.implementation == "diffusers" and (self.block != "resnet" or not self.mid_attention):
             raise RecipeError("model.implementation=diffusers builds the stock UNet2DModel: it needs "
                               "model.block=resnet and model.mid_attention=true")
 
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields: the block options
+        options = self.__dict__.get("block_options", {})
+        if name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    schedule: Literal["linear", "cosine"] = "linear"
+    schedule: str = field(default="linear", metadata={"registry": "noise schedule"})  # diffseg_hf.schedule.SCHEDULES
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -101,19 +128,35 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    scheduler: Literal["ddpm", "ddim"] = "ddim"
+    scheduler: str = field(default="ddim", metadata={"registry": "sampler"})  # diffseg_hf.schedule.SAMPLERS
     steps: int = 50
     num_images: int = 64
     batch_size: int = 64
     seed: int = 0
 
 
+# The readout settings that `segment.preset` fills in when a recipe leaves them unset. "reference" is the
+# protocol of Baranchuk et al. 2021 (the defaults of FeatureProtocol and ReadoutConfig, tested equal); "tuned"
+# is the best setting measured on fashion-seg by k-fold cross-validation on the labelled images only
+# (BENCHMARKS.md, "Readout levers").
+SEGMENT_PRESETS: dict[str, dict[str, Any]] = {
+    "reference": {"blocks": None, "timesteps": (50, 150, 250), "noise": "fixed", "num_noise_draws": 1,
+                  "flip": False, "head": "mlp-ensemble", "vote": "hard", "standardize": False},
+    "tuned": {"blocks": None, "timesteps": (10, 50, 150), "noise": "fixed", "num_noise_draws": 1,
+              "flip": True, "head": "conv", "vote": "soft", "standardize": True},
+}
+_PRESET_KEYS = tuple(SEGMENT_PRESETS["reference"])
+
+
 @dataclass(frozen=True)
 class SegmentConfig:
-    """Label-efficient segmentation on the DDPM's decoder features (Baranchuk et al. 2021 defaults)."""
+    """Label-efficient segmentation on the DDPM's decoder features.
+
+    The feature protocol (`protocol`) and the readout's fit options (`readout`) are built from these keys; the
+    keys in SEGMENT_PRESETS that a recipe leaves unset come from `preset`."""
 
     model: str | None = None  # default DDPM for `segment fit` (a folder or Hub id); --model overrides it
-    dataset: str = "fashion-seg"  # a key of diffseg_hf.segmentation.SEG_DATASETS
+    dataset: str = field(default="fashion-seg", metadata={"registry": "segmentation dataset"})
     path: str | None = None  # local folder (VOCdevkit for voc; Fashion-MNIST IDX folder for fashion-seg)
     hub_id: str | None = None  # Hub dataset id (voc, online)
     train_split: str = "train"
@@ -121,22 +164,63 @@ class SegmentConfig:
     num_labeled: int = 20
     num_test: int = 500
     data_seed: int = 0  # which canvases are drawn (fashion-seg)
+    preset: str = field(default="tuned", metadata={"registry": "segment preset"})  # SEGMENT_PRESETS: fills unset keys
+    # feature protocol (diffseg_hf.remote.pipeline_diffseg_segmentation.FeatureProtocol)
     blocks: tuple[str, ...] | None = None  # UNet module names; None: every up block
-    timesteps: tuple[int, ...] = (50, 150, 250)
-    noise: Literal["fixed", "mean"] = "fixed"
-    num_noise_draws: int = 1
+    timesteps: tuple[int, ...] | None = None
+    noise: str | None = field(default=None, metadata={"registry": "noise protocol"})
+    num_noise_draws: int | None = None
     noise_seed: int = 0
+    flip: bool | None = None  # test-time (and fit-time) mirroring: both views vote
+    # readout head (diffseg_hf.readout.ReadoutConfig)
+    head: str | None = field(default=None, metadata={"registry": "readout head"})  # diffseg_hf.readout.READOUT_HEADS
+    vote: str | None = field(default=None, metadata={"registry": "vote"})  # remote.pixel_ensemble.VOTES
+    standardize: bool | None = None  # per-channel feature standardisation (statistics of the labelled pixels)
     num_members: int = 10
     batch_size: int = 64  # pixels per MLP step
     lr: float = 1e-3
     max_epochs: int = 100
     patience: int = 50  # batches without a new best loss before a member stops (after min_epochs)
     min_epochs: int = 4
-    memory_mb: float = 512.0  # cap on stored pixel features (float16); beyond it pixels are subsampled
+    memory_mb: float = 512.0  # cap on stored features (float16): the MLPs' pixel store or the conv head's maps
+    conv_width: int = 64
+    conv_steps: int = 600
+    conv_lr: float = 2e-3
+    conv_batch_size: int = 8
+    conv_dropout: float = 0.1
+    conv_max_shift: int = 0
+    dice_weight: float = 1.0
     seed: int = 0  # classifier initialisation and shuffling
-    baseline_steps: int = 2000  # supervised baseline (a U-Net from scratch on the same labelled images)
+    # supervised baseline (a U-Net from scratch on the same labelled images)
+    baseline_steps: int = 2000
     baseline_batch_size: int = 8
     baseline_lr: float = 2e-3
+    baseline_max_shift: int = 0  # random translations of up to this many pixels (with the flips it always gets)
+
+    def __post_init__(self):
+        preset = SEGMENT_PRESETS[self.preset]
+        for key in _PRESET_KEYS:
+            if getattr(self, key) is None and key != "blocks":
+                object.__setattr__(self, key, preset[key])
+        try:
+            self.protocol  # noqa: B018 - validate the feature protocol at load time
+        except ValueError as e:
+            raise RecipeError(f"segment: {e}") from None
+
+    @property
+    def protocol(self):
+        """The `FeatureProtocol` these keys describe (remote/ is the bottom layer: self-contained, torch only)."""
+        from .remote.pipeline_diffseg_segmentation import FeatureProtocol
+
+        return FeatureProtocol(blocks=self.blocks, timesteps=self.timesteps, noise=self.noise,
+                               num_noise_draws=self.num_noise_draws, noise_seed=self.noise_seed, flip=self.flip)
+
+    def readout_options(self) -> dict[str, Any]:
+        """The keys of `diffseg_hf.readout.ReadoutConfig` (head and fit options), as a dict."""
+        names = ("head", "vote", "standardize", "seed", "num_members", "batch_size", "lr", "max_epochs", "patience",
+                 "min_epochs", "memory_mb", "conv_width", "conv_steps", "conv_lr", "conv_batch_size", "conv_dropout",
+                 "conv_max_shift", "dice_weight")
+        return {name: getattr(self, name) for name in names}
 
 
 @dataclass(frozen=True)
@@ -156,7 +240,7 @@ class Recipe:
         return self.train.batch_size * self.train.gradient_accumulation_steps
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return _plain(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -254,19 +338,41 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 # ------------------------------------------------------------------------------------------- validation
 
 def _build(cls: type, raw: Any, where: str) -> Any:
+    """A section dataclass from its mapping. A field with metadata "registry" has its value(s) checked against
+    that registry; a field with metadata "flat" (a function -> {key: default}) collects those keys, written
+    flat in the section, into one dict (typed like their defaults)."""
     if not isinstance(raw, dict):
         raise RecipeError(f"{where or 'recipe'}: expected a section (mapping), got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
+    fields = {f.name: f for f in dataclasses.fields(cls) if "flat" not in f.metadata}
+    flat = next((f for f in dataclasses.fields(cls) if "flat" in f.metadata), None)
+    flat_defaults = flat.metadata["flat"]() if flat else {}
+    names = list(fields) + list(flat_defaults)
+    values, flat_values = {}, {}
     for key, value in raw.items():
         path = f"{where}{key}"
-        if key not in names:
+        if key in flat_defaults:
+            flat_values[key] = _coerce(type(flat_defaults[key]), value, path)
+            continue
+        if key not in fields:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {where}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
             raise RecipeError(f"unknown key {path}{hint}")
         values[key] = _coerce(hints[key], value, path)
+        if "registry" in fields[key].metadata:
+            _check_names(fields[key].metadata["registry"], values[key], path)
+    if flat is not None:
+        values[flat.name] = flat_values
     return cls(**values)
+
+
+def _check_names(registry: str, value: Any, path: str) -> None:
+    """A name (or each name of a list) is a key of the registry; None (an unset optional) passes."""
+    if isinstance(value, tuple):
+        for i, item in enumerate(value):
+            registries.check(registry, item, f"{path}[{i}]")
+    elif value is not None:
+        registries.check(registry, value, path)
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
@@ -320,6 +426,13 @@ def _name(tp: Any) -> str:
 
 
 def _plain(value: Any) -> Any:
+    """Sections -> nested dicts of YAML values; a "flat" field's keys go into its section."""
+    if dataclasses.is_dataclass(value):
+        out = {}
+        for f in dataclasses.fields(value):
+            item = _plain(getattr(value, f.name))
+            out.update(item) if "flat" in f.metadata else out.update({f.name: item})
+        return out
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -21,11 +22,14 @@ from .data.transforms import images_to_uint8, uint8_to_float
 from .errors import DataError, RecipeError
 from .evaluation.segmentation import SegmentationMeter, format_iou_table
 from .pipeline import load_model_and_scheduler
-from .recipe import Recipe
+from .readout import ReadoutConfig
+from .tuning import default_candidates, format_tune_table, tune_readout
+from .recipe import Recipe, SegmentConfig
 from .segmentation import Segmenter, colorize, fit_segmenter, heat, load_segmentation_data, overlay, save_panel
 from .supervised import SupervisedUNet, fit_supervised, predict_supervised
 
 BASELINE_DIR = "baseline"
+TUNE_FILE = "tune.json"
 
 
 def _segment_section(recipe: Recipe):
@@ -35,12 +39,9 @@ def _segment_section(recipe: Recipe):
     return recipe.segment
 
 
-def fit_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.PathLike, *, baseline: bool = True,
-                    progress: bool = False) -> dict:
-    """Fit the pixel ensemble (and the supervised baseline) on the recipe's labelled images.
-
-    `model` is a DDPM folder or Hub id; None takes the recipe's `segment.model`."""
-    seg, output_dir = _segment_section(recipe), Path(output_dir)
+def _model_and_labelled(recipe: Recipe, model: str | None):
+    """(segment section, model location, unet, scheduler, the labelled training images): never the test split."""
+    seg = _segment_section(recipe)
     model = model or seg.model
     if model is None:
         raise RecipeError(f"recipe {recipe.name} names no DDPM (segment.model); pass --model DIR|HUB_ID, e.g. the "
@@ -52,13 +53,45 @@ def fit_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.Path
     if train.images.shape[1] != unet.config.in_channels:
         raise DataError(f"{seg.dataset} images have {train.images.shape[1]} channels but the model {model} takes "
                         f"{unet.config.in_channels}; use a DDPM trained on this dataset")
+    return seg, model, unet, scheduler, train
+
+
+def tune_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.PathLike | None = None, *,
+                     folds: int = 3, budget_minutes: float | None = None, progress: bool = False) -> dict:
+    """k-fold cross-validation of timesteps x blocks x head on the recipe's LABELLED images; writes `tune.json`
+    and `tune.md` into `output_dir` when given. The other readout keys (flip, vote, standardize, fit options)
+    come from the recipe."""
+    seg, model, unet, scheduler, train = _model_and_labelled(recipe, model)
+    result = tune_readout(unet, scheduler, train, candidates=default_candidates(unet, scheduler.config.num_train_timesteps), protocol=seg.protocol,
+                          readout=readout_config(seg), folds=folds, budget_minutes=budget_minutes, progress=progress)
+    result["model"] = model
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / TUNE_FILE).write_text(json.dumps(result, indent=2))
+        (output_dir / "tune.md").write_text(format_tune_table(result) + "\n")
+    return result
+
+
+def fit_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.PathLike, *, baseline: bool = True,
+                    tune: bool = False, tune_budget_minutes: float | None = None, progress: bool = False) -> dict:
+    """Fit the readout head (and the supervised baseline) on the recipe's labelled images.
+
+    `model` is a DDPM folder or Hub id; None takes the recipe's `segment.model`. `tune`: first choose the
+    timesteps, blocks and head by cross-validation on the labelled images (`tune_from_recipe`); the choice and
+    its table are written into the classifier folder (`tune.json`)."""
+    output_dir = Path(output_dir)
+    if tune:
+        best = tune_from_recipe(recipe, model, output_dir, budget_minutes=tune_budget_minutes,
+                                progress=progress)["best"]["candidate"]
+        blocks = None if best["blocks"] is None else tuple(best["blocks"])
+        recipe = replace(recipe, segment=replace(recipe.segment, timesteps=tuple(best["timesteps"]), blocks=blocks,
+                                                 head=best["head"]))
+    seg, model, unet, scheduler, train = _model_and_labelled(recipe, model)
     started = time.perf_counter()
-    segmenter, stats = fit_segmenter(
-        unet, scheduler, train, model_location=str(Path(model).resolve()) if os.path.isdir(model) else model,
-        blocks=seg.blocks, timesteps=seg.timesteps, noise=seg.noise, num_noise_draws=seg.num_noise_draws,
-        noise_seed=seg.noise_seed, num_members=seg.num_members, batch_size=seg.batch_size, lr=seg.lr,
-        max_epochs=seg.max_epochs, patience=seg.patience, min_epochs=seg.min_epochs, memory_mb=seg.memory_mb,
-        seed=seg.seed, progress=progress)
+    location = str(Path(model).resolve()) if os.path.isdir(model) else model
+    segmenter, stats = fit_segmenter(unet, scheduler, train, model_location=location, protocol=seg.protocol,
+                                     readout=readout_config(seg), progress=progress)
     fit_seconds = time.perf_counter() - started
     segmenter.config["dataset"] = {"name": seg.dataset, "train_split": seg.train_split, "test_split": seg.test_split,
                                    "num_test": seg.num_test, "path": seg.path, "hub_id": seg.hub_id,
@@ -67,16 +100,23 @@ def fit_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.Path
         segmenter.config["backbone"]["model_relative"] = os.path.relpath(Path(model).resolve(), output_dir.resolve())
     segmenter.save(output_dir)
     (output_dir / "recipe.yaml").write_text(recipe.to_yaml())
-    summary = {"num_labeled": len(train), "fit_seconds": round(fit_seconds, 2), **stats}
+    summary = {"num_labeled": len(train), "head": seg.head, "fit_seconds": round(fit_seconds, 2), **stats}
     if baseline:
         started = time.perf_counter()
         net = fit_supervised(train.float_images(), train.masks, num_classes=train.num_classes,
                              steps=seg.baseline_steps, batch_size=seg.baseline_batch_size, lr=seg.baseline_lr,
-                             seed=seg.seed)
+                             max_shift=seg.baseline_max_shift, seed=seg.seed)
         net.save_pretrained(output_dir / BASELINE_DIR)
         summary["baseline_fit_seconds"] = round(time.perf_counter() - started, 2)
     (output_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def readout_config(seg: SegmentConfig) -> ReadoutConfig:
+    try:
+        return ReadoutConfig(**seg.readout_options())
+    except ValueError as e:
+        raise RecipeError(f"segment: {e}") from None
 
 
 def load_test_set(segmenter: Segmenter, num_test: int | None = None) -> SegmentationSet:
@@ -105,7 +145,7 @@ def evaluate_classifier(classifier_dir: str | os.PathLike, *, model: str | None 
     if base_dir.is_dir():
         net = SupervisedUNet.from_pretrained(base_dir).eval()
         meter = SegmentationMeter(test.num_classes, 255, test.class_names)
-        base_pred = predict_supervised(net, test.float_images())
+        base_pred = predict_supervised(net, test.float_images(), flip=segmenter.protocol.flip)  # the same views
         meter.update(base_pred, test.masks)
         base = meter.compute()
         result["baseline"] = base.to_dict()
@@ -116,15 +156,19 @@ def evaluate_classifier(classifier_dir: str | os.PathLike, *, model: str | None 
     columns = [colorize(head.masks.long()), colorize(labels), heat(unc)]
     if base_pred is not None:
         columns.append(colorize(base_pred[:panel_images]))
-    save_panel(classifier_dir / "eval_panel.png", head.images, columns)
+    titles = ["image", "truth", f"diffusion {100 * metrics.miou:.1f}", "uncertainty"]
+    titles += [f"baseline {100 * result['baseline']['miou']:.1f}"] if base_pred is not None else []
+    save_panel(classifier_dir / "eval_panel.png", head.images, columns, titles=titles, class_names=test.class_names)
     return result
 
 
 def _protocol(segmenter: Segmenter, test: SegmentationSet) -> dict:
-    f, fit = segmenter.config["features"], segmenter.config["fit"]
+    f, fit, readout = segmenter.config["features"], segmenter.config["fit"], segmenter.readout
     return {"test_images": len(test), "test_split": segmenter.config["dataset"]["test_split"],
             "dataset": segmenter.config["dataset"]["name"], "feature_blocks": f["blocks"],
             "timesteps": f["timesteps"], "noise": f["noise"], "noise_seed": f["noise_seed"],
+            "flip": segmenter.protocol.flip, "head": readout.head, "vote": readout.vote,
+            "standardize": readout.standardize,
             "feature_dim": f["feature_dim"], "num_labeled": fit["num_labeled"], "classifier_seed": fit["seed"],
             "miou": "intersections and unions summed over the test set per class; classes absent from "
                     "truth and prediction excluded; ignore label 255 skipped"}

@@ -1,10 +1,11 @@
 """Label-efficient segmentation: a DDPM's decoder features + a pixel-MLP ensemble (Baranchuk et al. 2021).
 
-`fit_segmenter` streams features image by image into a bounded `PixelStore` and fits the ensemble;
-a `Segmenter` (DDPM + ensemble + the feature protocol) predicts labels and uncertainty in image batches.
-A classifier folder holds `model.safetensors` + `classifier_config.json` (feature blocks, timesteps, noise
-protocol and seed, class names, the DDPM's location and config fingerprint), and optionally `baseline/`
-(the supervised U-Net trained on the same labelled images).
+`fit_segmenter` reads the labelled images' features with a `FeatureProtocol` and fits a readout head
+(`diffseg_hf.readout`: the reference's pixel-MLP ensemble from a bounded `PixelStore`, or a conv head on whole
+feature maps); a `Segmenter` (DDPM + head + protocol) predicts labels and uncertainty in image batches.
+A classifier folder holds `model.safetensors` + `classifier_config.json` (the feature protocol, the fit
+options, class names, the DDPM's location and config fingerprint), and optionally `baseline/` (the supervised
+U-Net trained on the same labelled images).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from .errors import CheckpointError, DataError
 from .evaluation.segmentation import SegmentationMeter, SegMetrics
 from .features import FeatureExtractor
 from .pipeline import load_model_and_scheduler
-from .pixel_classifier import PixelEnsemble, PixelStore, fit_ensemble, load_classifier, predict, save_classifier
+from .pixel_classifier import PixelEnsemble, PixelStore, fit_ensemble
+from .readout import ReadoutConfig, fit_conv_head, load_head, save_head
+from .remote.pipeline_diffseg_segmentation import FeatureProtocol, feature_views
+from .remote.pixel_ensemble import ConvReadoutModel, predict_views
 
 FASHION_SEG_TEST_SEED = 12345  # test canvases never change with the label seed
 FEATURE_BATCH_MB = 256  # fp32 features of one extraction batch when fitting
@@ -70,27 +74,38 @@ def unet_fingerprint(unet: UNet2DModel) -> str:
 
 @dataclass
 class Segmenter:
-    """A DDPM backbone, its feature protocol and a fitted pixel ensemble."""
+    """A DDPM backbone, its feature protocol and a fitted readout head (either of `READOUT_HEADS`)."""
 
     unet: UNet2DModel
     scheduler: DDPMScheduler
-    ensemble: PixelEnsemble
-    config: dict  # feature protocol, class names, backbone; stored verbatim in classifier_config.json
+    head: PixelEnsemble | ConvReadoutModel
+    config: dict  # feature protocol, fit options, class names, backbone; stored verbatim in classifier_config.json
+
+    @property
+    def protocol(self) -> FeatureProtocol:
+        return FeatureProtocol.from_dict(self.config["features"])
+
+    @property
+    def readout(self) -> ReadoutConfig:
+        return ReadoutConfig.from_dict(self.config.get("fit", {}))
+
+    @property
+    def ensemble(self) -> PixelEnsemble | ConvReadoutModel:  # the name of the head before heads had a registry
+        return self.head
 
     def extractor(self, batch_size: int | None = None) -> FeatureExtractor:
-        f = self.config["features"]
-        return FeatureExtractor(self.unet, self.scheduler, blocks=f["blocks"], timesteps=f["timesteps"],
-                                noise=f["noise"], num_noise_draws=f["num_noise_draws"], seed=f["noise_seed"],
-                                batch_size=batch_size)
+        return FeatureExtractor.from_protocol(self.unet, self.scheduler, self.protocol, batch_size=batch_size)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         """images float (N, C, H, W) in [-1, 1] -> labels (N, H, W) int64, uncertainty (N, H, W) float32."""
         labels, uncertainty = [], []
+        head, vote_mode = self.head.eval(), self.readout.vote
         with self.extractor() as extractor:
             for start in range(0, len(images), batch_size):
-                feats = extractor.extract(images[start:start + batch_size]).features  # (B, D, H, W)
-                lab, unc = predict(self.ensemble, feats)
+                views = feature_views(lambda x: extractor.extract(x).features, images[start:start + batch_size],
+                                      self.protocol.flip)  # each (B, D, H, W)
+                lab, unc = predict_views(head.member_logits, views, vote_mode=vote_mode)
                 labels.append(lab)
                 uncertainty.append(unc)
         return torch.cat(labels), torch.cat(uncertainty)
@@ -103,12 +118,12 @@ class Segmenter:
         return meter.compute()
 
     def save(self, directory: str | os.PathLike) -> Path:
-        return save_classifier(directory, self.ensemble, self.config)
+        return save_head(directory, self.head, self.config)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: str | None = None) -> Segmenter:
         """Load a classifier folder and its DDPM (from the recorded location, or `model` when given)."""
-        ensemble, config = load_classifier(directory)
+        head, config = load_head(directory)
         location = model or config["backbone"]["model"]
         if model is None and not os.path.isdir(location):
             beside = Path(directory) / config["backbone"].get("model_relative", "")
@@ -117,54 +132,107 @@ class Segmenter:
         if unet_fingerprint(unet) != config["backbone"]["fingerprint"]:
             raise CheckpointError(f"{directory}: this classifier was fitted on features of another model "
                                   f"({config['backbone']['model']}); pass that model with --model")
-        return cls(unet, scheduler, ensemble, config)
+        return cls(unet, scheduler, head, config)
 
 
-def fit_segmenter(unet: UNet2DModel, scheduler: DDPMScheduler, train: SegmentationSet, *, model_location: str,
-                  blocks: Sequence[str] | None = None, timesteps: Sequence[int] = (50, 150, 250),
-                  noise: str = "fixed", num_noise_draws: int = 1, noise_seed: int = 0, num_members: int = 10,
-                  batch_size: int = 64, lr: float = 1e-3, max_epochs: int = 100, patience: int = 50,
-                  min_epochs: int = 4, memory_mb: float = 512.0, seed: int = 0, image_batch: int | None = None,
-                  progress: bool = False) -> tuple[Segmenter, dict]:
-    """Fit the pixel ensemble on `train`'s labelled pixels; returns the segmenter and fitting statistics.
+def extract_views(extractor: FeatureExtractor, data: SegmentationSet, *, flip: bool, image_batch: int = 8,
+                  dtype: torch.dtype = torch.float16) -> list[torch.Tensor]:
+    """Full feature maps (N, D, H, W) of every image (and of the mirrored images when ``flip``), in ``dtype``."""
+    pixels = data.images.shape[-2] * data.images.shape[-1]
+    views = [torch.empty(len(data), extractor.feature_dim, *data.images.shape[-2:], dtype=dtype)
+             for _ in range(1 + flip)]
+    for start in range(0, len(data), image_batch):
+        x = data.subset(slice(start, start + image_batch)).float_images()
+        for v, feats in zip(views, feature_views(lambda im: extractor.extract(im).features, x, flip)):
+            v[start:start + len(x)] = feats.to(dtype)
+    assert pixels > 0, f"images of shape {tuple(data.images.shape)}"
+    return views
 
-    Memory stays bounded: features go image batch by image batch (`image_batch`; default: as many images as
-    fit in FEATURE_BATCH_MB of fp32 features) into a `PixelStore` capped at `memory_mb` of float16 features."""
-    _check_masks(train)
-    extractor = FeatureExtractor(unet, scheduler, blocks=blocks, timesteps=timesteps, noise=noise,
-                                 num_noise_draws=num_noise_draws, seed=noise_seed)
-    pixels_per_image = train.images.shape[-1] * train.images.shape[-2]
-    if image_batch is None:
-        image_batch = max(1, min(8, int(FEATURE_BATCH_MB * 2**20) // (4 * extractor.feature_dim * pixels_per_image)))
-    store = PixelStore(extractor.feature_dim, train.num_classes, memory_mb=memory_mb, seed=seed,
-                       expected_pixels=len(train) * pixels_per_image)
-    with extractor:
-        for start in range(0, len(train), image_batch):
-            part = train.subset(slice(start, start + image_batch))
-            feats = extractor.extract(part.float_images()).features  # (B, D, H, W)
-            for f, m in zip(feats, part.masks):
-                store.add(f, m)
+
+def fit_head(views: Sequence[torch.Tensor], masks: torch.Tensor, num_classes: int, protocol: FeatureProtocol,
+             readout: ReadoutConfig, progress: bool = False) -> PixelEnsemble | ConvReadoutModel:
+    """Fit the readout head on whole feature maps: views[0] (N, D, H, W) of the images and, with flipping,
+    views[1] of the mirrored images (masks mirrored to match). Used by `tune` and for small labelled sets;
+    `fit_segmenter` streams the MLP ensemble's pixels instead, to bound memory for large ones."""
+    if readout.head == "conv":
+        return fit_conv_head(views[0], masks, num_classes=num_classes, protocol=protocol, options=readout,
+                             mirrored=views[1] if len(views) > 1 else None, ignore_index=IGNORE_INDEX,
+                             progress=progress)
+    store = PixelStore(views[0].shape[1], num_classes, memory_mb=readout.memory_mb, seed=readout.seed,
+                       expected_pixels=masks.numel() * len(views))
+    for v, m in zip(views, (masks, masks.flip(-1))):
+        for f, mm in zip(v, m):
+            store.add(f.float(), mm)
+    return _fit_from_store(store, num_classes, readout, progress)
+
+
+def _fit_from_store(store: PixelStore, num_classes: int, readout: ReadoutConfig, progress: bool) -> PixelEnsemble:
     features, labels = store.tensors()
     if len(labels) == 0:
         raise DataError("no labelled pixels left to fit on (every class had < 20 pixels in its image or was ignore)")
-    ensemble = fit_ensemble(features, labels, num_classes=train.num_classes, num_members=num_members,
-                            batch_size=batch_size, lr=lr, max_epochs=max_epochs, patience=patience,
-                            min_epochs=min_epochs, ignore_index=IGNORE_INDEX, seed=seed, progress=progress)
+    return fit_ensemble(features, labels, num_classes=num_classes, num_members=readout.num_members,
+                        batch_size=readout.batch_size, lr=readout.lr, max_epochs=readout.max_epochs,
+                        patience=readout.patience, min_epochs=readout.min_epochs, ignore_index=IGNORE_INDEX,
+                        seed=readout.seed, progress=progress, standardize=readout.standardize)
+
+
+def fit_segmenter(unet: UNet2DModel, scheduler: DDPMScheduler, train: SegmentationSet, *, model_location: str,
+                  protocol: FeatureProtocol | None = None, readout: ReadoutConfig | None = None,
+                  image_batch: int | None = None, progress: bool = False) -> tuple[Segmenter, dict]:
+    """Fit the readout head on `train`'s labelled images; returns the segmenter and fitting statistics.
+
+    `protocol` and `readout` default to the reference's (`FeatureProtocol()`, `ReadoutConfig()`). Memory stays
+    bounded: for the MLP ensemble, features go image batch by image batch (`image_batch`; default: as many
+    images as fit in FEATURE_BATCH_MB of fp32 features) into a `PixelStore` capped at `readout.memory_mb` of
+    float16 features; the conv head needs whole float16 maps and refuses more than `readout.memory_mb`."""
+    protocol, readout = protocol or FeatureProtocol(), readout or ReadoutConfig()
+    _check_masks(train)
+    extractor = FeatureExtractor.from_protocol(unet, scheduler, protocol)
+    pixels_per_image = train.images.shape[-1] * train.images.shape[-2]
+    if image_batch is None:
+        image_batch = max(1, min(8, int(FEATURE_BATCH_MB * 2**20) // (4 * extractor.feature_dim * pixels_per_image)))
+    stats = {"feature_dim": extractor.feature_dim}
+    if readout.head == "conv":
+        needed_mb = 2 * extractor.feature_dim * pixels_per_image * len(train) * (1 + protocol.flip) / 2**20
+        if needed_mb > readout.memory_mb:
+            raise DataError(f"the conv head needs {needed_mb:.0f} MB of float16 feature maps, over segment.memory_mb="
+                            f"{readout.memory_mb:g}; raise segment.memory_mb, use fewer feature blocks or timesteps, "
+                            "or segment.head=mlp-ensemble")
+        with extractor:
+            views = extract_views(extractor, train, flip=protocol.flip, image_batch=image_batch)
+        head = fit_head(views, train.masks, train.num_classes, protocol, readout, progress)
+        stats.update(pixels_seen=int((train.masks != IGNORE_INDEX).sum()), store_bytes=sum(v.nbytes for v in views))
+        stats["pixels_kept"] = stats["pixels_seen"]
+    else:
+        head, store = _fit_mlp_ensemble(extractor, train, readout, image_batch, progress)
+        stats.update(pixels_seen=store.seen, pixels_kept=len(store), store_bytes=store.nbytes)
     config = {
         "class_names": list(train.class_names),
         "resolution": int(train.images.shape[-1]),
         "channels": int(train.images.shape[1]),
-        "features": {"blocks": list(extractor.blocks), "timesteps": list(extractor.timesteps), "noise": noise,
-                     "num_noise_draws": num_noise_draws, "noise_seed": noise_seed,
-                     "feature_dim": extractor.feature_dim, "layout": [list(x) for x in extractor.layout]},
+        "features": {**protocol.to_dict(), "blocks": list(extractor.blocks), "feature_dim": extractor.feature_dim,
+                     "layout": [list(x) for x in extractor.layout]},
         "backbone": {"model": model_location, "fingerprint": unet_fingerprint(unet)},
-        "fit": {"num_labeled": len(train), "num_members": num_members, "batch_size": batch_size, "lr": lr,
-                "max_epochs": max_epochs, "patience": patience, "min_epochs": min_epochs, "seed": seed,
-                "memory_mb": memory_mb},
+        "fit": {"num_labeled": len(train), **readout.to_dict()},
     }
-    stats = {"pixels_seen": store.seen, "pixels_kept": len(store), "store_bytes": store.nbytes,
-             "feature_dim": extractor.feature_dim}
-    return Segmenter(unet, scheduler, ensemble, config), stats
+    return Segmenter(unet, scheduler, head, config), stats
+
+
+def _fit_mlp_ensemble(extractor: FeatureExtractor, train: SegmentationSet, readout: ReadoutConfig, image_batch: int,
+                      progress: bool) -> tuple[PixelEnsemble, PixelStore]:
+    """The reference's path: labelled pixels (of both views with flipping) into a bounded store, then the MLPs."""
+    flip = extractor.protocol.flip
+    pixels_per_image = train.images.shape[-1] * train.images.shape[-2]
+    store = PixelStore(extractor.feature_dim, train.num_classes, memory_mb=readout.memory_mb, seed=readout.seed,
+                       expected_pixels=len(train) * pixels_per_image * (1 + flip))
+    with extractor:
+        for start in range(0, len(train), image_batch):
+            part = train.subset(slice(start, start + image_batch))
+            views = feature_views(lambda x: extractor.extract(x).features, part.float_images(), flip)  # (B, D, H, W)
+            for feats, masks in zip(views, (part.masks, part.masks.flip(-1))):
+                for f, m in zip(feats, masks):
+                    store.add(f, m)
+    return _fit_from_store(store, train.num_classes, readout, progress), store
 
 
 def _check_masks(data: SegmentationSet) -> None:
@@ -199,11 +267,30 @@ def overlay(images: torch.Tensor, labels: torch.Tensor, alpha: float = 0.5) -> n
     return np.where(fg, (1 - alpha) * rgb + alpha * colour, rgb).astype(np.uint8)
 
 
-def save_panel(path: str | os.PathLike, images: torch.Tensor, columns: Sequence[np.ndarray], scale: int = 4) -> Path:
-    """One row per image: the image, then each (N, H, W, 3) column; nearest-upscaled by `scale`."""
+def save_panel(path: str | os.PathLike, images: torch.Tensor, columns: Sequence[np.ndarray], scale: int = 4,
+               titles: Sequence[str] | None = None, class_names: Sequence[str] | None = None) -> Path:
+    """One row per image: the image, then each (N, H, W, 3) column; nearest-upscaled by `scale`. `titles` (the
+    image column first) go above the columns; `class_names` add a legend of the palette colours below."""
+    from PIL import ImageDraw
+
     rgb = images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
     rows = [np.concatenate([rgb[i]] + [c[i] for c in columns], axis=1) for i in range(len(images))]
     grid = np.concatenate(rows, axis=0).repeat(scale, 0).repeat(scale, 1)
+    col_w, line = grid.shape[1] // (1 + len(columns)), 14
+    legend_rows = [] if class_names is None else list(range(0, len(class_names), max(1, grid.shape[1] // 110)))
+    top, bottom = (line + 4 if titles else 0), (len(legend_rows) * line + 6 if class_names else 0)
+    canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + top + bottom), "white")
+    canvas.paste(Image.fromarray(grid), (0, top))
+    draw = ImageDraw.Draw(canvas)
+    for k, title in enumerate(titles or []):
+        draw.text((k * col_w + 2, 2), title, fill="black")
+    if class_names:
+        palette, per_row = voc_palette(256), max(1, grid.shape[1] // 110)
+        for r, first in enumerate(legend_rows):
+            for j, c in enumerate(range(first, min(first + per_row, len(class_names)))):
+                x, y = j * 110 + 2, top + grid.shape[0] + 3 + r * line
+                draw.rectangle((x, y + 1, x + 9, y + 10), fill=tuple(int(v) for v in palette[c]), outline="black")
+                draw.text((x + 13, y), f"{c} {class_names[c]}"[:16], fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    canvas.save(path)
     return Path(path)

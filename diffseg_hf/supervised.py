@@ -64,7 +64,7 @@ class SupervisedUNet(ModelMixin, ConfigMixin):
         return self.head(x)  # (N, num_classes, H, W)
 
 
-def _random_shift(
+def random_shift(
     x: torch.Tensor, y: torch.Tensor, max_shift: int, ignore_index: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Translate each image by up to `max_shift` pixels; edges replicate, uncovered labels become ignore."""
@@ -120,7 +120,7 @@ def fit_supervised(
             flip = torch.rand(batch_size, generator=generator) < 0.5  # (B,)
             x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
         if max_shift > 0:
-            x, y = _random_shift(x, y, max_shift, ignore_index, generator)
+            x, y = random_shift(x, y, max_shift, ignore_index, generator)
         loss = F.cross_entropy(model(x), y, ignore_index=ignore_index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -130,8 +130,16 @@ def fit_supervised(
 
 
 @torch.no_grad()
-def predict_supervised(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Argmax class ids (N, H, W) for images (N, C, H, W) float in [-1, 1]."""
+def predict_supervised(model: nn.Module, images: torch.Tensor, batch_size: int = 64, flip: bool = False
+                       ) -> torch.Tensor:
+    """Argmax class ids (N, H, W) for images (N, C, H, W) float in [-1, 1]. ``flip``: test-time mirroring, the
+    softmax of the image and of its mirror (mirrored back) averaged, as the diffusion readout's views."""
     model.eval()
-    out = [model(images[i : i + batch_size].float()).argmax(1) for i in range(0, images.shape[0], batch_size)]
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size].float()
+        probs = model(x).softmax(1)  # (B, C, H, W)
+        if flip:
+            probs = (probs + model(x.flip(-1)).softmax(1).flip(-1)) / 2
+        out.append(probs.argmax(1))
     return torch.cat(out)  # (N, H, W)

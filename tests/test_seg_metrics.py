@@ -15,7 +15,7 @@ from diffseg_hf.evaluation.segmentation import (
     format_iou_table,
     segmentation_metrics,
 )
-from diffseg_hf.supervised import SupervisedUNet, _random_shift, fit_supervised, predict_supervised
+from diffseg_hf.supervised import SupervisedUNet, random_shift, fit_supervised, predict_supervised
 
 # two 2x3 images: class 1 is one missed pixel in A and a perfect 5-pixel region in B
 TARGET_A, PRED_A = [[0, 0, 0], [0, 0, 1]], [[0, 0, 0], [0, 0, 0]]
@@ -153,7 +153,7 @@ def test_supervised_is_seeded_and_round_trips(tmp_path, one_thread):
 def test_random_shift_moves_labels_with_pixels():
     images, masks = _bright_vs_dark(6, seed=2)
     masks[:, :, 0] = (images[:, 0, :, 0] > 0).long()  # no ignore column here
-    x, y = _random_shift(images, masks, 3, 255, torch.Generator().manual_seed(0))
+    x, y = random_shift(images, masks, 3, 255, torch.Generator().manual_seed(0))
     assert x.shape == images.shape and y.shape == masks.shape
     labelled = y != 255
     assert torch.equal(y[labelled], (x[:, 0] > 0).long()[labelled])  # labels still match their pixels

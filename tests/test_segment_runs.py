@@ -19,7 +19,7 @@ from diffseg_hf.segment_runs import evaluate_classifier, fit_from_recipe, predic
 from diffseg_hf.segmentation import Segmenter, fit_segmenter
 
 FAST = ["segment.num_labeled=3", "segment.num_test=6", "segment.max_epochs=2", "segment.num_members=3",
-        "segment.baseline_steps=5", "segment.timesteps=[5,20]"]
+        "segment.baseline_steps=5", "segment.timesteps=[5,20]", "segment.conv_steps=20", "segment.conv_width=8"]
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ one UNet forward per image batch holding all timesteps, each hooked activation u
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import PIL.Image
@@ -24,6 +24,84 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 
 NOISE_PROTOCOLS = ("fixed", "mean")
+
+
+@dataclass(frozen=True)
+class FeatureProtocol:
+    """How per-pixel features are read off a UNet: the one object that the extractor, the classifier config,
+    the recipe, the exporter and this pipeline share.
+
+    `blocks`: module names from ``unet.named_modules()`` ("up_blocks.1", "mid_block", "up_blocks.0.resnets.1");
+    None means every up block. `timesteps`: the noise levels, concatenated step-major. `noise`: "fixed" (one
+    noise tensor seeded `noise_seed` for every image and step, the reference's protocol) or "mean" (features
+    averaged over `num_noise_draws` draws seeded noise_seed, noise_seed + 1, ...). `flip`: test-time
+    augmentation; the mirrored image is read too and the readout's members vote over both views.
+    """
+
+    blocks: tuple[str, ...] | None = None
+    timesteps: tuple[int, ...] = (50, 150, 250)
+    noise: str = "fixed"
+    num_noise_draws: int = 1
+    noise_seed: int = 0
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.blocks is not None:
+            object.__setattr__(self, "blocks", tuple(str(b) for b in self.blocks))
+            if not self.blocks or len(set(self.blocks)) != len(self.blocks) or "" in self.blocks:
+                raise ValueError(f"feature blocks {list(self.blocks)} must be non-empty and distinct (or None)")
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+        if not self.timesteps or any(t < 0 for t in self.timesteps) or len(set(self.timesteps)) != len(self.timesteps):
+            raise ValueError(f"feature timesteps {list(self.timesteps)} must be distinct and >= 0")
+        if self.noise not in NOISE_PROTOCOLS:
+            raise ValueError(f"unknown noise protocol {self.noise!r}; choose from {', '.join(NOISE_PROTOCOLS)}")
+        if self.num_noise_draws < 1 or (self.noise == "fixed" and self.num_noise_draws != 1):
+            raise ValueError(f"num_noise_draws={self.num_noise_draws}: use 1 with noise='fixed', or >= 1 with "
+                             "noise='mean'")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> FeatureProtocol:
+        """From a saved config (classifier folders of every version: absent keys take the reference's values,
+        keys of other sections are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and not (k == "blocks" and not v)})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {**d, "blocks": list(d["blocks"]) if d["blocks"] else None, "timesteps": list(d["timesteps"])}
+
+    def resolve_blocks(self, unet: UNet2DModel) -> list[str]:
+        """The block names, every up block when `blocks` is None."""
+        return list(self.blocks) if self.blocks else [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+
+    def check(self, unet: UNet2DModel, num_train_timesteps: int) -> list[str]:
+        """Raise ValueError unless every block exists in ``unet`` and every timestep is < num_train_timesteps;
+        returns the resolved block names."""
+        blocks, modules = self.resolve_blocks(unet), dict(unet.named_modules())
+        unknown = [b for b in blocks if b not in modules]
+        if unknown:
+            ups = ", ".join(f"up_blocks.{i}" for i in range(len(unet.up_blocks)))
+            raise ValueError(f"unknown feature block {', '.join(map(repr, unknown))}; choose from {ups}, mid_block "
+                             "or any name in unet.named_modules(), e.g. 'up_blocks.0.resnets.0'")
+        if max(self.timesteps) >= num_train_timesteps:
+            raise ValueError(f"feature timesteps {list(self.timesteps)} must lie in [0, {num_train_timesteps - 1}]")
+        return blocks
+
+
+def decoder_hooks(unet: UNet2DModel, blocks: Sequence[str], store: dict[str, torch.Tensor]) -> list:
+    """Forward hooks writing each named block's output tensor into ``store``; returns the handles to remove."""
+    modules = dict(unet.named_modules())
+    return [modules[b].register_forward_hook(lambda m, i, o, b=b: store.__setitem__(b, block_output(o).detach()))
+            for b in blocks]
+
+
+def check_images(images: torch.Tensor, in_channels: int) -> None:
+    """ValueError unless images are (N, in_channels, H, W) scaled to [-1, 1]."""
+    if images.dim() != 4 or images.shape[1] != in_channels:
+        raise ValueError(f"images must be (N, {in_channels}, H, W) for this UNet, got {tuple(images.shape)}")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1.001 or hi > 1.001:
+        raise ValueError(f"images must be scaled to [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; use x * 2 - 1")
 
 
 @dataclass
@@ -101,33 +179,27 @@ def add_upsampled(out: torch.Tensor, acts: dict[str, torch.Tensor], blocks: Sequ
 
 
 @torch.no_grad()
-def decoder_features(unet: UNet2DModel, scheduler: SchedulerMixin, images: torch.Tensor, *, blocks: Sequence[str],
-                     timesteps: Sequence[int], noise: str = "fixed", num_noise_draws: int = 1, noise_seed: int = 0,
-                     batch_size: int | None = None) -> torch.Tensor:
-    """Features (N, D, H, W) float32 on CPU of images (N, C, H, W) in [-1, 1]; D = sum of block channels x T."""
-    modules = dict(unet.named_modules())
-    unknown = [b for b in blocks if b not in modules or not b]
-    if unknown:
-        raise ValueError(f"unknown feature blocks {unknown}; use names from unet.named_modules()")
-    if len(set(blocks)) != len(blocks):
-        raise ValueError(f"feature blocks {list(blocks)} must be distinct")
-    if noise not in NOISE_PROTOCOLS or num_noise_draws < 1 or (noise == "fixed" and num_noise_draws != 1):
-        raise ValueError(f"noise={noise!r} with num_noise_draws={num_noise_draws}: use 'fixed' with 1 or 'mean'")
+def decoder_features(unet: UNet2DModel, scheduler: SchedulerMixin, images: torch.Tensor, protocol: FeatureProtocol,
+                     *, batch_size: int | None = None) -> torch.Tensor:
+    """Features (N, D, H, W) float32 on CPU of images (N, C, H, W) in [-1, 1]; D = sum of block channels x T.
+    ``protocol.flip`` is not applied here: the caller reads the mirrored images as a second view."""
+    blocks = protocol.check(unet, scheduler.config.num_train_timesteps)
+    check_images(images, unet.config.in_channels)
     acts: dict[str, torch.Tensor] = {}
-    handles = [modules[b].register_forward_hook(lambda m, i, o, b=b: acts.__setitem__(b, block_output(o)))
-               for b in blocks]
+    handles = decoder_hooks(unet, blocks, acts)
 
     def run(x_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         unet(x_t.to(unet.device, unet.dtype), t.to(unet.device))
         return acts
 
-    steps = [int(t) for t in timesteps]
+    steps = list(protocol.timesteps)
     out: torch.Tensor | None = None
     was_training = unet.training
     unet.eval()
     try:
         for rows, group, block_acts in noised_forwards(run, scheduler, images, step_groups=[steps],
-                                                        noise_seed=noise_seed, num_noise_draws=num_noise_draws,
+                                                        noise_seed=protocol.noise_seed,
+                                                        num_noise_draws=protocol.num_noise_draws,
                                                         batch_size=batch_size):
             if out is None:  # the channels are known after the first forward
                 channels = {name: block_acts[name].shape[1] for name in blocks}
@@ -139,14 +211,24 @@ def decoder_features(unet: UNet2DModel, scheduler: SchedulerMixin, images: torch
             h.remove()
         unet.train(was_training)
     assert out is not None, f"no images ({tuple(images.shape)})"
-    return out / num_noise_draws if num_noise_draws > 1 else out
+    return out / protocol.num_noise_draws if protocol.num_noise_draws > 1 else out
+
+
+def feature_views(features_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, flip: bool
+                  ) -> list[torch.Tensor]:
+    """[features of images] or, with test-time flipping, [features of images, features of the mirrored images]
+    (still mirrored: the readout flips its outputs back, see ``pixel_ensemble.predict_views``)."""
+    views = [features_fn(images)]
+    if flip:
+        views.append(features_fn(images.flip(-1)))
+    return views
 
 
 class DiffsegSegmentationPipeline(DiffusionPipeline):
     """Semantic segmentation with a DDPM's decoder features and a pixel-MLP ensemble.
 
-    `classifier` is a `PixelEnsembleModel`; its config names the feature blocks, timesteps and noise
-    protocol it was trained with. Images are resized to the UNet's sample size.
+    `classifier` is a readout head from `pixel_ensemble.py` (`PixelEnsembleModel` or `ConvReadoutModel`); its
+    config holds the `FeatureProtocol` it was trained with. Images are resized to the UNet's sample size.
     """
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, classifier: ModelMixin):
@@ -154,9 +236,13 @@ class DiffsegSegmentationPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler, classifier=classifier)
 
     @property
+    def protocol(self) -> FeatureProtocol:
+        """The feature protocol the classifier was trained with (stored in its config)."""
+        return FeatureProtocol.from_dict(dict(self.classifier.config))
+
+    @property
     def feature_blocks(self) -> list[str]:
-        blocks = self.classifier.config.blocks
-        return list(blocks) if blocks else [f"up_blocks.{i}" for i in range(len(self.unet.up_blocks))]
+        return self.protocol.resolve_blocks(self.unet)
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL image(s), or arrays / tensors in [0, 1] -> (N, C, S, S) in [-1, 1] at the UNet's sample size."""
@@ -171,10 +257,7 @@ class DiffsegSegmentationPipeline(DiffusionPipeline):
 
     def features(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Per-pixel features (N, D, H, W) of preprocessed images in [-1, 1]."""
-        cfg = self.classifier.config
-        return decoder_features(self.unet, self.scheduler, images, blocks=self.feature_blocks,
-                                timesteps=cfg.timesteps, noise=cfg.noise, num_noise_draws=cfg.num_noise_draws,
-                                noise_seed=cfg.noise_seed, batch_size=batch_size)
+        return decoder_features(self.unet, self.scheduler, images, self.protocol, batch_size=batch_size)
 
     @torch.no_grad()
     def __call__(self, images: PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | torch.Tensor, *,
@@ -185,7 +268,8 @@ class DiffsegSegmentationPipeline(DiffusionPipeline):
         per UNet forward (None: all at once). `output_type`: "pt" or "np".
         """
         x = self.preprocess(images)  # (N, C, S, S)
-        labels, uncertainty = self.classifier.predict(self.features(x, batch_size))
+        views = feature_views(lambda v: self.features(v, batch_size), x, self.protocol.flip)
+        labels, uncertainty = self.classifier.predict_views(views)
         if output_type == "np":
             labels, uncertainty = labels.numpy(), uncertainty.numpy()
         if not return_dict:

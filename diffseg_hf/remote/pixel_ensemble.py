@@ -1,14 +1,20 @@
-"""The pixel-MLP ensemble as a diffusers model (`PixelEnsembleModel`), in ONE file that imports only torch
-and diffusers. It ships as `classifier/pixel_ensemble.py` inside segmentation pipeline folders. Never import
-diffseg_hf here.
+"""The readout heads as diffusers models, in ONE file that imports only torch and diffusers: the pixel-MLP
+ensemble (`PixelEnsembleModel`, the reference's classifier) and a small convolutional head over the whole
+feature map (`ConvReadoutModel`). It ships as `classifier/pixel_ensemble.py` inside segmentation pipeline
+folders. Never import diffseg_hf here.
 
 It is also the single definition of the stacked layers (`StackedLinear`, `StackedBatchNorm`, `stacked_mlp`,
-`run_stacked`), `vote` and the chunked prediction loop (`predict_in_chunks`) that
-`diffseg_hf.pixel_classifier` imports, so `PixelEnsemble`'s state dict loads here unchanged and predictions are
-bit-identical. The model's config also holds the feature protocol the ensemble was trained on (blocks,
-timesteps, noise), which `DiffsegSegmentationPipeline` reads.
+`run_stacked`), the feature standardisation, `vote` and the view-combining prediction loop (`predict_views`)
+that `diffseg_hf.pixel_classifier` and `diffseg_hf.readout` import, so the toolkit's heads load here unchanged
+and predictions are bit-identical. A head's config also holds the feature protocol it was trained with (blocks,
+timesteps, noise, flip), which `DiffsegSegmentationPipeline` reads.
 
-Reference: Baranchuk et al. 2021, yandex-research/ddpm-segmentation ``src/pixel_classifier.py``.
+Every head maps features (N, D, H, W) to member logits (E, N, H, W, C) (`member_logits`); `predict_views`
+combines the members of one or two views (the image and its mirror) by majority (`"hard"`) or mean-softmax
+(`"soft"`) vote.
+
+Reference: Baranchuk et al. 2021, yandex-research/ddpm-segmentation ``src/pixel_classifier.py``; the conv
+head follows DreamTeacher's fusion head in spirit (depthwise-separable convs, GroupNorm, SiLU).
 """
 
 from __future__ import annotations
@@ -89,13 +95,22 @@ def run_stacked(layers: nn.Sequential, x: torch.Tensor, members: torch.Tensor | 
     return x
 
 
-def vote(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Majority vote of the members' argmaxes (ties go to the LOWEST class index) and uncertainty =
-    entropy of the mean softmax minus the mean member entropy (>= 0; clamped against rounding)."""
+VOTES = ("hard", "soft")
+
+
+def vote(logits: torch.Tensor, mode: str = "hard") -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and uncertainty of member logits (E, P, C). ``"hard"``: majority vote of the members' argmaxes
+    (ties go to the LOWEST class index); ``"soft"``: argmax of the mean softmax. Uncertainty = entropy of the
+    mean softmax minus the mean member entropy (>= 0; clamped against rounding)."""
+    if mode not in VOTES:
+        raise ValueError(f"unknown vote {mode!r}; choose from {', '.join(VOTES)}")
     e, _, c = logits.shape  # (E, P, C)
-    counts = F.one_hot(logits.argmax(-1), c).sum(0)  # (P, C)
-    labels = counts.argmax(-1)  # (P,) torch.argmax returns the first maximal index
     probs = logits.softmax(-1)  # (E, P, C)
+    if mode == "hard":
+        counts = F.one_hot(logits.argmax(-1), c).sum(0)  # (P, C)
+        labels = counts.argmax(-1)  # (P,) torch.argmax returns the first maximal index
+    else:
+        labels = probs.mean(0).argmax(-1)  # (P,)
     member_entropy = -(probs * logits.log_softmax(-1)).sum(-1).mean(0)  # (P,)
     # Provenance: ddpm-segmentation predict_labels: js = H(mean softmax) - mean(H(member)).
     mean_entropy = torch.special.entr(probs.mean(0)).sum(-1)  # (P,)
@@ -103,33 +118,82 @@ def vote(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_in_chunks(forward_fn: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, *,
-                      chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Voted labels (int64) and uncertainty (float32), both (N, H, W) on CPU, of features (N, D, H, W);
-    ``forward_fn`` maps pixel rows (B, D) to logits (E, B, C). Runs ``chunk`` pixels at a time (whole images
-    grouped when an image fits in a chunk)."""
+def predict_views(member_logits: Callable[[torch.Tensor], torch.Tensor], views: Sequence[torch.Tensor], *,
+                  vote_mode: str = "hard", chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (int64) and uncertainty (float32), (N, H, W) on CPU, from one or two views of features (N, D, H, W):
+    views[1], when given, holds the features of the MIRRORED images; its logits are flipped back and its members
+    join the vote (so with soft voting the result is the average of the two views' probabilities).
+    ``member_logits`` maps (g, D, H, W) to (E, g, H, W, C); ``chunk`` bounds the pixels per call."""
+    assert 1 <= len(views) <= 2, f"one view or a view and its mirror, got {len(views)}"
+    n, _, h, w = views[0].shape
+    labels = torch.empty(n, h, w, dtype=torch.long)
+    uncertainty = torch.empty(n, h, w)
+    per = max(1, chunk // (h * w))
+    for i in range(0, n, per):
+        logits = [member_logits(v[i : i + per]).float() for v in views]  # each (E, g, H, W, C)
+        if len(logits) == 2:
+            logits[1] = logits[1].flip(-2)  # mirror back along W
+        stacked = torch.cat(logits, 0)  # (E*V, g, H, W, C)
+        g = stacked.shape[1]
+        lab, unc = vote(stacked.flatten(1, 3), vote_mode)  # (g*H*W,)
+        labels[i : i + g] = lab.view(g, h, w).cpu()
+        uncertainty[i : i + g] = unc.view(g, h, w).cpu()
+    return labels, uncertainty
+
+
+def add_standardization(module: nn.Module, in_features: int) -> None:
+    """Per-channel statistics buffers (filled from the labelled training pixels when the head is fitted)."""
+    module.register_buffer("feature_mean", torch.zeros(in_features))
+    module.register_buffer("feature_std", torch.ones(in_features))
+
+
+def standardize(module: nn.Module, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """(x - mean) / std per feature channel when ``module`` has statistics buffers, else x unchanged."""
+    if not hasattr(module, "feature_mean"):
+        return x
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    mean, std = module.feature_mean.view(shape), module.feature_std.view(shape)
+    return (x - mean.to(x.dtype)) / std.to(x.dtype)
+
+
+def mlp_member_logits(layers: nn.Sequential, module: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Member logits (E, N, H, W, C) of a stacked MLP on features (N, D, H, W)."""
     n, d, h, w = features.shape
-    labels = torch.empty(n, h * w, dtype=torch.long)
-    uncertainty = torch.empty(n, h * w)
-    per_image, pix = max(1, chunk // (h * w)), min(chunk, h * w)
-    for i in range(0, n, per_image):
-        group = features[i : i + per_image].flatten(2)  # (g, D, H*W)
-        g = group.shape[0]
-        for s in range(0, h * w, pix):
-            xc = group[:, :, s : s + pix].permute(0, 2, 1).reshape(-1, d)  # (g*pix, D)
-            lab, unc = vote(forward_fn(xc).float())
-            labels[i : i + g, s : s + pix] = lab.view(g, -1).cpu()
-            uncertainty[i : i + g, s : s + pix] = unc.view(g, -1).cpu()
-    return labels.view(n, h, w), uncertainty.view(n, h, w)
+    rows = standardize(module, features.permute(0, 2, 3, 1).reshape(-1, d), 1)  # (N*H*W, D)
+    logits = run_stacked(layers, rows)  # (E, N*H*W, C)
+    return logits.view(logits.shape[0], n, h, w, -1)
 
 
-class PixelEnsembleModel(ModelMixin, ConfigMixin):
+class _ReadoutHead:
+    """What the segmentation pipeline calls on any head: ``predict_views`` with the head's own vote."""
+
+    def member_logits(self, features: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict_views(self, views: Sequence[torch.Tensor], *, chunk: int = 65536
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.eval()
+        weight = next(self.parameters())
+        d = views[0].shape[1]
+        assert d == self.config.in_features, f"features have D={d}, classifier expects {self.config.in_features}"
+        fn = lambda x: self.member_logits(x.to(weight.device, weight.dtype))  # noqa: E731
+        return predict_views(fn, views, vote_mode=self.config.vote, chunk=chunk)
+
+    def predict(self, features: torch.Tensor, *, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels (int64) and uncertainty (float32) (N, H, W) of features (N, D, H, W) of one view."""
+        return self.predict_views([features], chunk=chunk)
+
+
+class PixelEnsembleModel(_ReadoutHead, ModelMixin, ConfigMixin):
     """E members D -> h1 -> h2 -> C (Linear, ReLU, BatchNorm1d, Linear, ReLU, BatchNorm1d, Linear).
 
     Feature protocol (read by the segmentation pipeline): `blocks` (UNet module names; None = every up
     block), `timesteps`, `noise` ("fixed": one noise draw seeded `noise_seed`; "mean": the mean over
-    `num_noise_draws` draws seeded noise_seed, noise_seed + 1, ...). `training_config` keeps the config the
-    toolkit trained with, verbatim.
+    `num_noise_draws` draws seeded noise_seed, noise_seed + 1, ...), `flip` (test-time mirroring). `standardize`:
+    features are standardised per channel with statistics of the training pixels (buffers) before the first
+    layer. `vote`: "hard" or "soft". `training_config` keeps the config the toolkit trained with, verbatim.
     """
 
     @register_to_config
@@ -146,20 +210,69 @@ class PixelEnsembleModel(ModelMixin, ConfigMixin):
         noise_seed: int = 0,
         class_names: list[str] | None = None,
         training_config: dict | None = None,
+        flip: bool = False,
+        standardize: bool = False,
+        vote: str = "hard",
     ):
         super().__init__()
+        if standardize:
+            add_standardization(self, in_features)
         self.layers = stacked_mlp(num_members, in_features, hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (E, B, C) of pixel features (B, D)."""
-        return run_stacked(self.layers, x)
+        return run_stacked(self.layers, standardize(self, x, 1))
 
-    @torch.no_grad()
-    def predict(self, features: torch.Tensor, *, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-        """Labels (int64) and uncertainty (float32) (N, H, W) of features (N, D, H, W), computed ``chunk``
-        pixels at a time (whole images grouped when an image fits in a chunk)."""
-        self.eval()
-        weight = self.layers[0].weight
-        d = features.shape[1]
-        assert d == self.config.in_features, f"features have D={d}, classifier expects {self.config.in_features}"
-        return predict_in_chunks(lambda x: self(x.to(weight.device, weight.dtype)), features, chunk=chunk)
+    def member_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(E, N, H, W, C) of features (N, D, H, W)."""
+        return mlp_member_logits(self.layers, self, features)
+
+
+class ConvReadoutModel(_ReadoutHead, ModelMixin, ConfigMixin):
+    """A convolutional readout over the whole feature map (context across pixels), one member:
+    [standardise] -> channel dropout -> 1x1 conv D -> width, GroupNorm, SiLU -> per dilation d: residual
+    (depthwise 3x3 conv with dilation d, 1x1 conv, GroupNorm, SiLU) -> 1x1 conv -> C logits.
+    The feature-protocol keys are those of `PixelEnsembleModel`."""
+
+    @register_to_config
+    def __init__(
+        self,
+        in_features: int = 1,
+        num_classes: int = 2,
+        width: int = 64,
+        dilations: tuple[int, ...] = (1, 2, 4),
+        dropout: float = 0.1,
+        blocks: list[str] | None = None,
+        timesteps: tuple[int, ...] = (50, 150, 250),
+        noise: str = "fixed",
+        num_noise_draws: int = 1,
+        noise_seed: int = 0,
+        flip: bool = False,
+        standardize: bool = True,
+        vote: str = "soft",
+        class_names: list[str] | None = None,
+        training_config: dict | None = None,
+    ):
+        super().__init__()
+        if standardize:
+            add_standardization(self, in_features)
+        groups = 8 if width % 8 == 0 else 1
+        self.feature_dropout = nn.Dropout2d(dropout)
+        self.stem = nn.Sequential(nn.Conv2d(in_features, width, 1), nn.GroupNorm(groups, width), nn.SiLU())
+        self.mixers = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(width, width, 3, padding=d, dilation=d, groups=width), nn.Conv2d(width, width, 1),
+                          nn.GroupNorm(groups, width), nn.SiLU())
+            for d in dilations
+        )
+        self.head = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (N, C, H, W) of features (N, D, H, W)."""
+        h = self.stem(self.feature_dropout(standardize(self, features, 1)))  # (N, width, H, W)
+        for mixer in self.mixers:
+            h = h + mixer(h)
+        return self.head(h)
+
+    def member_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(1, N, H, W, C) of features (N, D, H, W)."""
+        return self(features).permute(0, 2, 3, 1)[None]

@@ -1,0 +1,193 @@
+"""Readout heads on per-pixel diffusion features: what a head is, how each one is fitted, saved and loaded.
+
+Two heads, one registry (`READOUT_HEADS`, keys feed the recipe's `segment.head` and the CLI):
+
+- ``mlp-ensemble``: the reference's pixel classifier, E MLPs on single pixels with a hard or soft vote
+  (`diffseg_hf.pixel_classifier`, fitted from a bounded `PixelStore`).
+- ``conv``: `ConvReadoutModel`, a small convolutional head over the whole (D, H, W) feature map (context across
+  pixels), trained on the labelled images' full feature maps with cross-entropy + Dice and mirrored views.
+
+`ReadoutConfig` groups every fitting option; its defaults are the reference's protocol (so classifier folders
+saved before a key existed keep their behaviour); the shipped recipe defaults live in `diffseg_hf.recipe`.
+Both heads expose ``member_logits(features (N, D, H, W)) -> (E, N, H, W, C)``; prediction goes through
+`diffseg_hf.remote.pixel_ensemble.predict_views` for both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError, DataError
+from .pixel_classifier import CONFIG_NAME, WEIGHTS_NAME, PixelEnsemble, feature_statistics, load_classifier
+from .remote.pipeline_diffseg_segmentation import FeatureProtocol
+from .remote.pixel_ensemble import VOTES, ConvReadoutModel
+from .supervised import random_shift
+
+READOUT_HEADS = {
+    "mlp-ensemble": "E pixel MLPs (the reference's classifier), hard or soft vote",
+    "conv": "a small convolutional head over the whole feature map, cross-entropy + Dice",
+}
+
+
+@dataclass(frozen=True)
+class ReadoutConfig:
+    """How a readout head is fitted. Defaults: the reference (Baranchuk et al. 2021) protocol."""
+
+    head: str = "mlp-ensemble"  # a key of READOUT_HEADS
+    vote: str = "hard"  # "hard" (majority of argmaxes) or "soft" (mean softmax)
+    standardize: bool = False  # per-channel standardisation, statistics of the labelled training pixels
+    seed: int = 0  # initialisation and shuffling
+    # mlp-ensemble
+    num_members: int = 10
+    batch_size: int = 64  # pixels per MLP step
+    lr: float = 1e-3
+    max_epochs: int = 100
+    patience: int = 50  # batches without a new best loss before a member stops (after min_epochs)
+    min_epochs: int = 4
+    memory_mb: float = 512.0  # cap on stored features (float16): the pixel store, or the conv head's maps
+    # conv
+    conv_width: int = 64
+    conv_steps: int = 600
+    conv_lr: float = 2e-3
+    conv_batch_size: int = 8  # images per step
+    conv_dropout: float = 0.1  # channel dropout on the input features
+    conv_max_shift: int = 0  # random translations of the feature maps (and masks) by up to this many pixels
+    dice_weight: float = 1.0  # loss = cross-entropy + dice_weight * soft Dice
+
+    def __post_init__(self) -> None:
+        if self.head not in READOUT_HEADS:
+            raise ValueError(f"unknown readout head {self.head!r}; choose from {', '.join(READOUT_HEADS)}")
+        if self.vote not in VOTES:
+            raise ValueError(f"unknown vote {self.vote!r}; choose from {', '.join(VOTES)}")
+        for name in ("num_members", "batch_size", "max_epochs", "conv_width", "conv_steps", "conv_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"readout {name}={getattr(self, name)} must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ReadoutConfig:
+        """From a saved "fit" section (absent keys: the reference's values; other keys ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------ the conv head
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """1 - mean over classes present in the batch of the soft Dice score; logits (B, C, H, W), target (B, H, W)."""
+    valid = (target != ignore_index)[:, None]  # (B, 1, H, W)
+    probs = logits.softmax(1) * valid
+    onehot = F.one_hot(target.where(valid[:, 0], 0), logits.shape[1]).permute(0, 3, 1, 2) * valid  # (B, C, H, W)
+    inter = (probs * onehot).sum((0, 2, 3))
+    total = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    present = onehot.sum((0, 2, 3)) > 0
+    dice = (2 * inter + 1.0) / (total + 1.0)  # (C,)
+    return 1 - dice[present].mean()
+
+
+def fit_conv_head(features: torch.Tensor, masks: torch.Tensor, *, num_classes: int, protocol: FeatureProtocol,
+                  options: ReadoutConfig, mirrored: torch.Tensor | None = None, ignore_index: int = 255,
+                  progress: bool = False) -> ConvReadoutModel:
+    """Fit a `ConvReadoutModel` on full feature maps (N, D, H, W) (float16 is fine) and masks (N, H, W).
+
+    ``mirrored``: features of the mirrored images; each sampled image is then taken mirrored (with its mask)
+    with probability 1/2; ``options.conv_max_shift`` adds random translations (uncovered labels become ignore).
+    Standardisation statistics come from the labelled pixels of ``features`` only.
+    AdamW with a 5% warm-up and cosine decay over ``options.conv_steps`` steps."""
+    n, d = features.shape[:2]
+    masks = masks.long()
+    labelled = masks != ignore_index  # (N, H, W)
+    if not labelled.any():
+        raise DataError("no labelled pixels to fit the conv head on; every mask pixel is ignore (255)")
+    torch.manual_seed(options.seed)  # dropout masks
+    generator = torch.Generator().manual_seed(options.seed)
+    model = ConvReadoutModel(in_features=d, num_classes=num_classes, width=options.conv_width,
+                             dropout=options.conv_dropout, standardize=options.standardize, vote=options.vote,
+                             **protocol.to_dict())
+    if options.standardize:
+        rows = features.permute(0, 2, 3, 1).reshape(-1, d)  # (N*H*W, D), a view
+        model.feature_mean, model.feature_std = feature_statistics(rows, labelled.flatten().nonzero().flatten())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.conv_lr, weight_decay=1e-4)
+    steps, warmup = options.conv_steps, max(1, options.conv_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    iterator = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="conv head", unit="step")
+    model.train()
+    for _ in iterator:
+        idx = torch.randint(0, n, (min(options.conv_batch_size, n),), generator=generator)
+        x, y = features[idx].float(), masks[idx]  # (B, D, H, W), (B, H, W)
+        if mirrored is not None:
+            flip = torch.rand(len(idx), generator=generator) < 0.5  # (B,)
+            x[flip], y[flip] = mirrored[idx[flip]].float(), y[flip].flip(-1)
+        if options.conv_max_shift > 0:
+            x, y = random_shift(x, y, options.conv_max_shift, ignore_index, generator)
+        logits = model(x)  # (B, C, H, W)
+        loss = F.cross_entropy(logits, y, ignore_index=ignore_index)
+        if options.dice_weight:
+            loss = loss + options.dice_weight * soft_dice_loss(logits, y, ignore_index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ save / load
+# the config keys of a ConvReadoutModel that define its architecture (the protocol keys are stored beside)
+CONV_ARCHITECTURE = ("in_features", "num_classes", "width", "dilations", "dropout", "standardize", "vote")
+
+
+def save_head(directory: str | Path, head: PixelEnsemble | ConvReadoutModel, config: dict) -> Path:
+    """``model.safetensors`` + ``classifier_config.json`` ({"architecture", "config"}), for either head."""
+    from .pixel_classifier import save_classifier
+
+    if isinstance(head, PixelEnsemble):
+        return save_classifier(directory, head, config)
+    directory = Path(directory)
+    arch = {"head": "conv", **{k: v for k, v in head.config.items() if k in CONV_ARCHITECTURE}}
+    try:
+        text = json.dumps({"architecture": arch, "config": config}, indent=2)
+    except TypeError as err:
+        raise CheckpointError(f"classifier config for {directory / CONFIG_NAME} is not JSON: {err}") from None
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
+              str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(text + "\n")
+    return directory
+
+
+def load_head(directory: str | Path) -> tuple[PixelEnsemble | ConvReadoutModel, dict]:
+    """(head in eval mode, the config dict given to ``save_head``); folders of every version."""
+    directory = Path(directory)
+    cfg_path = directory / CONFIG_NAME
+    try:
+        arch = json.loads(cfg_path.read_text()).get("architecture", {}) if cfg_path.is_file() else {}
+    except ValueError:
+        arch = {}  # load_classifier reports the corrupt file
+    if arch.get("head", "mlp-ensemble") == "mlp-ensemble":
+        return load_classifier(directory)
+    saved = json.loads(cfg_path.read_text())
+    config = saved["config"]
+    protocol = FeatureProtocol.from_dict(config.get("features", {}))
+    kwargs = {k: v for k, v in arch.items() if k in CONV_ARCHITECTURE}
+    head = ConvReadoutModel(**kwargs, **protocol.to_dict())
+    try:
+        state = load_file(str(directory / WEIGHTS_NAME))
+        head.load_state_dict(state)
+    except Exception as err:  # safetensors raises its own error types for truncated/invalid files
+        raise CheckpointError(f"classifier weights {directory / WEIGHTS_NAME} are corrupt or do not match "
+                              f"{cfg_path} ({str(err).splitlines()[0]}); re-fit the classifier") from None
+    return head.eval(), config
