@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffseg_hf.errors import CheckpointError, DataError
+from diffseg_hf.readout_config import ReadoutConfig
 from diffseg_hf.remote.pixel_ensemble import (StackedBatchNorm, StackedLinear, add_standardization,
                                               mlp_member_logits, predict_views, run_stacked, stacked_mlp,
                                               standardize, vote)
@@ -295,16 +297,28 @@ class _EarlyStop:
         return done
 
 
-def fit_ensemble(features: torch.Tensor, labels: torch.Tensor, *, num_classes: int, num_members: int = 10,
-                 batch_size: int = 64, lr: float = 1e-3, max_epochs: int = 100, patience: int = 50,
-                 min_epochs: int = 4, ignore_index: int = 255, seed: int = 0, progress: bool = False,
+def _options(options: ReadoutConfig | None, overrides: dict) -> ReadoutConfig:
+    try:
+        return replace(options or ReadoutConfig(), **overrides)
+    except TypeError as err:  # an unknown keyword: say which fields exist
+        raise TypeError(f"{err}; fit options are the fields of ReadoutConfig: "
+                        f"{', '.join(f.name for f in fields(ReadoutConfig))}") from None
+
+
+def fit_ensemble(features: torch.Tensor, labels: torch.Tensor, *, num_classes: int,
+                 options: ReadoutConfig | None = None, ignore_index: int = 255, progress: bool = False,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 standardize: bool = False) -> PixelEnsemble:
+                 **overrides: object) -> PixelEnsemble:
     """Train all members in one vectorized loop; each member has its own shuffling and stops on its own
     (``_EarlyStop``, at most ``max_epochs``), after which its parameters and statistics stay fixed.
     Features (P, D) may be float16; a final batch of one pixel is skipped (BatchNorm needs two).
+    ``options`` (a `ReadoutConfig`; the reference's by default) holds num_members, batch_size, lr, max_epochs,
+    patience, min_epochs, seed and standardize; keywords override single fields (``num_members=3``).
     ``standardize``: the ensemble standardises its inputs with the statistics of these pixels.
     """
+    o = _options(options, overrides)
+    num_members, batch_size, lr, max_epochs = o.num_members, o.batch_size, o.lr, o.max_epochs
+    patience, min_epochs, seed, standardize = o.patience, o.min_epochs, o.seed, o.standardize
     valid, ensemble, generators = _prepare(features, labels, num_classes, num_members, ignore_index, seed, dtype,
                                            standardize)
     ensemble.to(device)
@@ -347,12 +361,15 @@ def fit_ensemble(features: torch.Tensor, labels: torch.Tensor, *, num_classes: i
 
 
 def fit_members_sequential(features: torch.Tensor, labels: torch.Tensor, *, num_classes: int,
-                           num_members: int = 10, batch_size: int = 64, lr: float = 1e-3, max_epochs: int = 100,
-                           patience: int = 50, min_epochs: int = 4, ignore_index: int = 255, seed: int = 0,
-                           progress: bool = False, dtype: torch.dtype = torch.float32,
-                           device: str | torch.device = "cpu") -> PixelEnsemble:
+                           options: ReadoutConfig | None = None, ignore_index: int = 255, progress: bool = False,
+                           dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                           **overrides: object) -> PixelEnsemble:
     """The reference's loop: ``nn.Sequential`` members trained one after another (same init, batches
-    and stopping rule as ``fit_ensemble``); for tests and benchmarks."""
+    and stopping rule as ``fit_ensemble``, same options); for tests and benchmarks."""
+    o = _options(options, overrides)
+    assert not o.standardize, "the sequential reference loop has no standardisation"
+    num_members, batch_size, lr, max_epochs = o.num_members, o.batch_size, o.lr, o.max_epochs
+    patience, min_epochs, seed = o.patience, o.min_epochs, o.seed
     valid, ensemble, generators = _prepare(features, labels, num_classes, num_members, ignore_index, seed, dtype)
     members = ensemble.to_members()
     for e, member in enumerate(members):

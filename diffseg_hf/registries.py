@@ -33,7 +33,7 @@ REGISTRIES: dict[str, Registry] = {
     "noise schedule": Registry("diffseg_hf.schedule", "SCHEDULES", "noise schedule"),
     "sampler": Registry("diffseg_hf.schedule", "SAMPLERS", "sampler"),
     "segmentation dataset": Registry("diffseg_hf.segmentation", "SEG_DATASETS", "segmentation dataset"),
-    "readout head": Registry("diffseg_hf.readout", "READOUT_HEADS", "readout head"),
+    "readout head": Registry("diffseg_hf.readout_config", "READOUT_HEADS", "readout head"),
     "segment preset": Registry("diffseg_hf.recipe", "SEGMENT_PRESETS", "segment preset"),
     "vote": Registry("diffseg_hf.remote.pixel_ensemble", "VOTES", "vote"),
     "noise protocol": Registry("diffseg_hf.remote.pipeline_diffseg_segmentation", "NOISE_PROTOCOLS",

@@ -170,10 +170,8 @@ def _fit_from_store(store: PixelStore, num_classes: int, readout: ReadoutConfig,
     features, labels = store.tensors()
     if len(labels) == 0:
         raise DataError("no labelled pixels left to fit on (every class had < 20 pixels in its image or was ignore)")
-    return fit_ensemble(features, labels, num_classes=num_classes, num_members=readout.num_members,
-                        batch_size=readout.batch_size, lr=readout.lr, max_epochs=readout.max_epochs,
-                        patience=readout.patience, min_epochs=readout.min_epochs, ignore_index=IGNORE_INDEX,
-                        seed=readout.seed, progress=progress, standardize=readout.standardize)
+    return fit_ensemble(features, labels, num_classes=num_classes, options=readout, ignore_index=IGNORE_INDEX,
+                        progress=progress)
 
 
 def fit_segmenter(unet: UNet2DModel, scheduler: DDPMScheduler, train: SegmentationSet, *, model_location: str,

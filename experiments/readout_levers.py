@@ -64,6 +64,9 @@ def config_sets(num_up: int) -> dict[str, dict[str, dict]]:
     toggles = {"head": {"conv": "mlp-ensemble", "mlp-ensemble": "conv"}, "vote": {"soft": "hard", "hard": "soft"},
                "standardize": {True: False, False: True}, "flip": {True: False, False: True}}
     for key, other in toggles.items():
+        if key == "vote" and tuned["head"] == "conv" and not tuned["flip"]:  # one member, one view: votes agree
+            onoff["reference, vote=soft"] = {**ref, "vote": "soft"}
+            continue
         onoff[f"tuned, {key}={other[tuned[key]]}"] = {**tuned, key: other[tuned[key]]}
     if tuned["timesteps"] != ref["timesteps"]:
         onoff["tuned, timesteps=50-150-250"] = {**tuned, "timesteps": ref["timesteps"]}

@@ -22,7 +22,7 @@ from diffseg_hf.features import FeatureExtractor
 from diffseg_hf.pipeline import save_pipeline
 from diffseg_hf.pixel_classifier import feature_statistics, fit_ensemble
 from diffseg_hf.readout import ReadoutConfig, fit_conv_head, load_head, save_head
-from diffseg_hf.recipe import SEGMENT_PRESETS, load_recipe
+from diffseg_hf.recipe import SEGMENT_PRESETS, SegmentConfig, load_recipe
 from diffseg_hf.errors import RecipeError
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
 from diffseg_hf.remote.pixel_ensemble import ConvReadoutModel, predict_views, vote
@@ -196,8 +196,11 @@ def test_reference_preset_is_the_reference_protocol_and_one_key_away():
     assert tuned.preset == "tuned" and tuned.head == SEGMENT_PRESETS["tuned"]["head"]
     # an explicit key wins over the preset
     assert load_recipe("fashion-seg", ["segment.preset=reference", "segment.vote=soft"]).segment.vote == "soft"
-    # every ReadoutConfig field is a segment key
+    # every ReadoutConfig field is a segment key, with the same default unless a preset fills it
     assert {f.name for f in fields(ReadoutConfig)} == set(tuned.readout_options())
+    for name, value in SegmentConfig().readout_options().items():
+        if name not in SEGMENT_PRESETS["reference"]:
+            assert value == getattr(ReadoutConfig(), name), name
     with pytest.raises(RecipeError, match="segment.head: .cnn. is not one of mlp-ensemble, conv"):
         load_recipe("fashion-seg", ["segment.head=cnn"])
     with pytest.raises(RecipeError, match="must be distinct"):

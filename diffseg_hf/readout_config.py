@@ -1,0 +1,60 @@
+"""`ReadoutConfig`: every option of fitting a readout head, one frozen object (the fit-side twin of the remote
+layer's `FeatureProtocol`), and `READOUT_HEADS`, the registry of head names. Defaults are the reference's
+(Baranchuk et al. 2021); a classifier folder stores the config as its "fit" section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+from .remote.pixel_ensemble import VOTES
+
+READOUT_HEADS = {
+    "mlp-ensemble": "E pixel MLPs (the reference's classifier), hard or soft vote",
+    "conv": "a small convolutional head over the whole feature map, cross-entropy + Dice",
+}
+
+
+@dataclass(frozen=True)
+class ReadoutConfig:
+    """How a readout head is fitted. Defaults: the reference (Baranchuk et al. 2021) protocol."""
+
+    head: str = "mlp-ensemble"  # a key of READOUT_HEADS
+    vote: str = "hard"  # "hard" (majority of argmaxes) or "soft" (mean softmax)
+    standardize: bool = False  # per-channel standardisation, statistics of the labelled training pixels
+    seed: int = 0  # initialisation and shuffling
+    # mlp-ensemble
+    num_members: int = 10
+    batch_size: int = 64  # pixels per MLP step
+    lr: float = 1e-3
+    max_epochs: int = 100
+    patience: int = 50  # batches without a new best loss before a member stops (after min_epochs)
+    min_epochs: int = 4
+    memory_mb: float = 512.0  # cap on stored features (float16): the pixel store, or the conv head's maps
+    # conv
+    conv_width: int = 64
+    conv_steps: int = 600
+    conv_lr: float = 2e-3
+    conv_batch_size: int = 8  # images per step
+    conv_dropout: float = 0.1  # channel dropout on the input features
+    conv_max_shift: int = 0  # random translations of the feature maps (and masks) by up to this many pixels
+    dice_weight: float = 1.0  # loss = cross-entropy + dice_weight * soft Dice
+
+    def __post_init__(self) -> None:
+        if self.head not in READOUT_HEADS:
+            raise ValueError(f"unknown readout head {self.head!r}; choose from {', '.join(READOUT_HEADS)}")
+        if self.vote not in VOTES:
+            raise ValueError(f"unknown vote {self.vote!r}; choose from {', '.join(VOTES)}")
+        for name in ("num_members", "batch_size", "max_epochs", "conv_width", "conv_steps", "conv_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"readout {name}={getattr(self, name)} must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ReadoutConfig:
+        """From a saved "fit" section (absent keys: the reference's values; other keys ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
