@@ -32,7 +32,7 @@ REGISTRIES: dict[str, Registry] = {
     "data source": Registry("diffseg_hf.data.sources", "IMAGE_SOURCES", "data source", args="SOURCE_ARGS"),
     "noise schedule": Registry("diffseg_hf.schedule", "SCHEDULES", "noise schedule"),
     "sampler": Registry("diffseg_hf.schedule", "SAMPLERS", "sampler"),
-    "segmentation dataset": Registry("diffseg_hf.segmentation", "SEG_DATASETS", "segmentation dataset"),
+    "segmentation dataset": Registry("diffseg_hf.data.segmentation", "SEG_DATASETS", "segmentation dataset"),
     "readout head": Registry("diffseg_hf.readout_config", "READOUT_HEADS", "readout head"),
     "segment preset": Registry("diffseg_hf.recipe", "SEGMENT_PRESETS", "segment preset"),
     "vote": Registry("diffseg_hf.remote.pixel_ensemble", "VOTES", "vote"),

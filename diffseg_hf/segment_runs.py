@@ -17,7 +17,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from .data.segmentation import SegmentationSet, save_mask_png
+from .data.segmentation import SegmentationSet, load_segmentation_data, save_mask_png
 from .data.transforms import images_to_uint8, uint8_to_float
 from .errors import DataError, RecipeError
 from .evaluation.segmentation import SegmentationMeter, format_iou_table
@@ -25,7 +25,7 @@ from .pipeline import load_model_and_scheduler
 from .readout import ReadoutConfig
 from .tuning import default_candidates, format_tune_table, tune_readout
 from .recipe import Recipe, SegmentConfig
-from .segmentation import Segmenter, colorize, fit_segmenter, heat, load_segmentation_data, overlay, save_panel
+from .segmentation import Segmenter, colorize, fit_segmenter, heat, overlay, save_panel
 from .supervised import SupervisedUNet, fit_supervised, predict_supervised
 
 BASELINE_DIR = "baseline"

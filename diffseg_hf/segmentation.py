@@ -22,8 +22,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from .data.segmentation import (IGNORE_INDEX, SegmentationSet, load_fashion_seg,
-                                load_voc_segmentation, load_voc_segmentation_hub, voc_palette)
+from .data.segmentation import (FASHION_SEG_TEST_SEED, IGNORE_INDEX, SEG_DATASETS, SegmentationSet,  # noqa: F401
+                                load_segmentation_data, voc_palette)
 from .errors import CheckpointError, DataError
 from .evaluation.segmentation import SegmentationMeter, SegMetrics
 from .features import FeatureExtractor
@@ -33,36 +33,7 @@ from .readout import ReadoutConfig, fit_conv_head, load_head, save_head
 from .remote.pipeline_diffseg_segmentation import FeatureProtocol, feature_views
 from .remote.pixel_ensemble import ConvReadoutModel, predict_views
 
-FASHION_SEG_TEST_SEED = 12345  # test canvases never change with the label seed
 FEATURE_BATCH_MB = 256  # fp32 features of one extraction batch when fitting
-
-
-def _fashion_seg(split: str, *, num_images: int, resolution: int, path: str | None, hub_id: str | None,
-                 seed: int) -> SegmentationSet:
-    return load_fashion_seg(split, num_canvases=num_images, canvas_size=resolution, path=path,
-                            seed=FASHION_SEG_TEST_SEED if split == "test" else seed)
-
-
-def _voc(split: str, *, num_images: int, resolution: int, path: str | None, hub_id: str | None,
-         seed: int) -> SegmentationSet:
-    if hub_id is not None:
-        return load_voc_segmentation_hub(hub_id, split, resolution, limit=num_images)
-    if path is None:
-        raise DataError("segment.path is not set; point it at a VOCdevkit/VOC2012 folder (or set segment.hub_id)")
-    return load_voc_segmentation(path, split, resolution, limit=num_images)
-
-
-# name -> loader(split, num_images, resolution, path, hub_id, seed). Keys feed recipe errors.
-SEG_DATASETS: dict[str, Callable[..., SegmentationSet]] = {"fashion-seg": _fashion_seg, "voc": _voc}
-
-
-def load_segmentation_data(dataset: str, split: str, *, num_images: int, resolution: int, path: str | None = None,
-                           hub_id: str | None = None, seed: int = 0) -> SegmentationSet:
-    if dataset not in SEG_DATASETS:
-        raise DataError(f"unknown segmentation dataset {dataset!r} (segment.dataset); choose from "
-                        f"{', '.join(SEG_DATASETS)}")
-    return SEG_DATASETS[dataset](split, num_images=num_images, resolution=resolution, path=path, hub_id=hub_id,
-                                 seed=seed)
 
 
 def unet_fingerprint(unet: UNet2DModel) -> str:

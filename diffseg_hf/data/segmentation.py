@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -310,3 +310,36 @@ def segmentation_images_dataset(seg_set: SegmentationSet) -> datasets.Dataset:
     (H, W) for one channel, (H, W, C) otherwise (the layout of a PIL image)."""
     images = seg_set.images.numpy()  # (N, C, H, W)
     return arrays_to_dataset(images[:, 0] if images.shape[1] == 1 else images.transpose(0, 2, 3, 1))
+
+
+# ---------------------------------------------------------------- labelled datasets by name
+FASHION_SEG_TEST_SEED = 12345  # test canvases never change with the label seed
+
+
+def _fashion_seg(split: str, *, num_images: int, resolution: int, path: str | None, hub_id: str | None,
+                 seed: int) -> SegmentationSet:
+    return load_fashion_seg(split, num_canvases=num_images, canvas_size=resolution, path=path,
+                            seed=FASHION_SEG_TEST_SEED if split == "test" else seed)
+
+
+def _voc(split: str, *, num_images: int, resolution: int, path: str | None, hub_id: str | None,
+         seed: int) -> SegmentationSet:
+    if hub_id is not None:
+        return load_voc_segmentation_hub(hub_id, split, resolution, limit=num_images)
+    if path is None:
+        raise DataError("segment.path is not set; point it at a VOCdevkit/VOC2012 folder (or set segment.hub_id)")
+    return load_voc_segmentation(path, split, resolution, limit=num_images)
+
+
+# The segmentation-dataset registry (`segment.dataset`), beside the image sources' registry in data/sources.py:
+# name -> loader(split, num_images, resolution, path, hub_id, seed).
+SEG_DATASETS: dict[str, Callable[..., SegmentationSet]] = {"fashion-seg": _fashion_seg, "voc": _voc}
+
+
+def load_segmentation_data(dataset: str, split: str, *, num_images: int, resolution: int, path: str | None = None,
+                           hub_id: str | None = None, seed: int = 0) -> SegmentationSet:
+    if dataset not in SEG_DATASETS:
+        raise DataError(f"unknown segmentation dataset {dataset!r} (segment.dataset); choose from "
+                        f"{', '.join(SEG_DATASETS)}")
+    return SEG_DATASETS[dataset](split, num_images=num_images, resolution=resolution, path=path, hub_id=hub_id,
+                                 seed=seed)
