@@ -223,8 +223,9 @@ def colorize(labels: torch.Tensor) -> np.ndarray:
 
 
 def heat(values: torch.Tensor) -> np.ndarray:
-    """(N, H, W) floats -> (N, H, W, 3) uint8, black (0) to yellow (max over the batch)."""
-    v = (values / values.max().clamp_min(1e-8)).numpy()
+    """(N, H, W) floats -> (N, H, W, 3) uint8, black (0) to yellow (max over the batch, at least 1e-3: rounding
+    noise of a one-member head, whose disagreement is 0, stays black)."""
+    v = (values / values.max().clamp_min(1e-3)).clamp(0, 1).numpy()
     return (np.stack([v, v, v * 0.2], -1) * 255).astype(np.uint8)
 
 
