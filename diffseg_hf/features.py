@@ -79,7 +79,8 @@ class FeatureExtractor:
         if batch_size is not None and batch_size < 1:
             raise DiffsegError(f"feature batch_size={batch_size} must be >= 1 (or None for all images)")
         try:
-            self.protocol = FeatureProtocol(blocks=None if blocks is None else tuple(blocks), timesteps=tuple(timesteps),
+            self.protocol = FeatureProtocol(blocks=None if blocks is None else tuple(blocks),
+                                            timesteps=tuple(timesteps),
                                             noise=noise, num_noise_draws=num_noise_draws, noise_seed=seed, flip=flip)
             self.blocks = self.protocol.check(unet, scheduler.config.num_train_timesteps)
         except ValueError as e:

@@ -62,7 +62,8 @@ def tune_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.Pat
     and `tune.md` into `output_dir` when given. The other readout keys (flip, vote, standardize, fit options)
     come from the recipe."""
     seg, model, unet, scheduler, train = _model_and_labelled(recipe, model)
-    result = tune_readout(unet, scheduler, train, candidates=default_candidates(unet, scheduler.config.num_train_timesteps), protocol=seg.protocol,
+    candidates = default_candidates(unet, scheduler.config.num_train_timesteps)
+    result = tune_readout(unet, scheduler, train, candidates=candidates, protocol=seg.protocol,
                           readout=readout_config(seg), folds=folds, budget_minutes=budget_minutes, progress=progress)
     result["model"] = model
     if output_dir is not None:

@@ -1,7 +1,8 @@
 """Tune the supervised baseline's step budget and shift augmentation on the DEV split (train-split canvases,
 data seed 1; never the test split), with the same 20 labelled canvases the readout gets.
 
-    python experiments/baseline_budget.py --steps 500 1000 2000 4000 --shifts 0 2 --out docs/segmentation/baseline_dev.json
+    python experiments/baseline_budget.py --steps 1000 2000 4000 --shifts 0 2 \
+        --out docs/segmentation/baseline_dev.json
 
 Every run: AdamW 2e-3, batch 8, cosine decay, random flips (always), random shifts of up to `shift` pixels,
 test-time flipping (the readout's views). Prints a table; the README's baseline uses the best row.

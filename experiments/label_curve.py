@@ -41,7 +41,7 @@ from diffseg_hf.readout import ReadoutConfig
 from diffseg_hf.recipe import SEGMENT_PRESETS
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
 from diffseg_hf.remote.pixel_ensemble import predict_views
-from diffseg_hf.segmentation import extract_views, fit_head, load_segmentation_data
+from diffseg_hf.segmentation import fit_head, load_segmentation_data
 from diffseg_hf.supervised import fit_supervised, predict_supervised
 
 METHODS = ("diffusion", "random-unet", "pixels", "baseline")

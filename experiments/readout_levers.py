@@ -84,7 +84,8 @@ def main() -> None:
     ap.add_argument("--num-labeled", type=int, default=20)
     ap.add_argument("--num-eval", type=int, default=None, help="default: 200 dev / 500 test canvases")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
-                    help='an ad-hoc config: a preset plus changes, e.g. \'big={"base": "reference", "timesteps": [400]}\'')
+                    help="an ad-hoc config: a preset plus changes, "
+                         "e.g. 'big={\"base\": \"reference\", \"timesteps\": [400]}'")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 

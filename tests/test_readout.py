@@ -21,7 +21,7 @@ from diffseg_hf.export import save_segmentation_pipeline
 from diffseg_hf.features import FeatureExtractor
 from diffseg_hf.pipeline import save_pipeline
 from diffseg_hf.pixel_classifier import feature_statistics, fit_ensemble
-from diffseg_hf.readout import ReadoutConfig, fit_conv_head, load_head, save_head
+from diffseg_hf.readout import ReadoutConfig, fit_conv_head, load_head
 from diffseg_hf.recipe import SEGMENT_PRESETS, SegmentConfig, load_recipe
 from diffseg_hf.errors import RecipeError
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
