@@ -425,18 +425,24 @@ def predict(ensemble: PixelEnsemble, features: torch.Tensor, *, chunk: int = 655
 
 
 # save / load ----------------------------------------------------------------------------------------
-def save_classifier(directory: str | Path, ensemble: PixelEnsemble, config: dict) -> Path:
-    """Write ``model.safetensors`` and ``classifier_config.json`` ({"architecture", "config": verbatim})."""
+def write_classifier_folder(directory: str | Path, module: nn.Module, architecture: dict, config: dict) -> Path:
+    """``model.safetensors`` (the module's state dict) + ``classifier_config.json`` ({"architecture", "config":
+    verbatim}): the folder layout of every readout head."""
     directory = Path(directory)
     try:
-        text = json.dumps({"architecture": ensemble.architecture(), "config": config}, indent=2)
+        text = json.dumps({"architecture": architecture, "config": config}, indent=2)
     except TypeError as err:
         raise CheckpointError(f"classifier config for {directory / CONFIG_NAME} is not JSON: {err}") from None
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in ensemble.state_dict().items()},
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
               str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(text + "\n")
     return directory
+
+
+def save_classifier(directory: str | Path, ensemble: PixelEnsemble, config: dict) -> Path:
+    """Write ``model.safetensors`` and ``classifier_config.json`` ({"architecture", "config": verbatim})."""
+    return write_classifier_folder(directory, ensemble, ensemble.architecture(), config)
 
 
 def load_classifier(directory: str | Path) -> tuple[PixelEnsemble, dict]:

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import CheckpointError, DataError
-from .pixel_classifier import CONFIG_NAME, WEIGHTS_NAME, PixelEnsemble, feature_statistics, load_classifier
+from .pixel_classifier import (CONFIG_NAME, WEIGHTS_NAME, PixelEnsemble, feature_statistics, load_classifier,
+                               save_classifier, write_classifier_folder)
 from .readout_config import READOUT_HEADS, ReadoutConfig
 from .remote.pipeline_diffseg_segmentation import FeatureProtocol
 from .remote.pixel_ensemble import ConvReadoutModel
@@ -105,21 +106,10 @@ CONV_ARCHITECTURE = ("in_features", "num_classes", "width", "dilations", "dropou
 
 def save_head(directory: str | Path, head: PixelEnsemble | ConvReadoutModel, config: dict) -> Path:
     """``model.safetensors`` + ``classifier_config.json`` ({"architecture", "config"}), for either head."""
-    from .pixel_classifier import save_classifier
-
     if isinstance(head, PixelEnsemble):
         return save_classifier(directory, head, config)
-    directory = Path(directory)
     arch = {"head": "conv", **{k: v for k, v in head.config.items() if k in CONV_ARCHITECTURE}}
-    try:
-        text = json.dumps({"architecture": arch, "config": config}, indent=2)
-    except TypeError as err:
-        raise CheckpointError(f"classifier config for {directory / CONFIG_NAME} is not JSON: {err}") from None
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
-              str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(text + "\n")
-    return directory
+    return write_classifier_folder(directory, head, arch, config)
 
 
 def load_head(directory: str | Path) -> tuple[PixelEnsemble | ConvReadoutModel, dict]:
@@ -132,11 +122,13 @@ def load_head(directory: str | Path) -> tuple[PixelEnsemble | ConvReadoutModel, 
         arch = {}  # load_classifier reports the corrupt file
     if arch.get("head", "mlp-ensemble") == "mlp-ensemble":
         return load_classifier(directory)
-    saved = json.loads(cfg_path.read_text())
-    config = saved["config"]
-    protocol = FeatureProtocol.from_dict(config.get("features", {}))
-    kwargs = {k: v for k, v in arch.items() if k in CONV_ARCHITECTURE}
-    head = ConvReadoutModel(**kwargs, **protocol.to_dict())
+    try:
+        config = json.loads(cfg_path.read_text())["config"]
+        protocol = FeatureProtocol.from_dict(config.get("features", {}))
+        head = ConvReadoutModel(**{k: v for k, v in arch.items() if k in CONV_ARCHITECTURE}, **protocol.to_dict())
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"classifier config {cfg_path} is corrupt ({type(err).__name__}: {err}); re-fit the "
+                              "classifier") from None
     try:
         state = load_file(str(directory / WEIGHTS_NAME))
         head.load_state_dict(state)

@@ -21,7 +21,7 @@ from diffseg_hf.export import save_segmentation_pipeline
 from diffseg_hf.features import FeatureExtractor
 from diffseg_hf.pipeline import save_pipeline
 from diffseg_hf.pixel_classifier import feature_statistics, fit_ensemble
-from diffseg_hf.readout import ReadoutConfig, fit_conv_head, load_head
+from diffseg_hf.readout import ReadoutConfig, fit_conv_head, load_head, save_head
 from diffseg_hf.recipe import SEGMENT_PRESETS, SegmentConfig, load_recipe
 from diffseg_hf.errors import RecipeError
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
@@ -256,3 +256,20 @@ def test_extract_views_mirrors_the_images(unet, data):
         plain, mirrored = extract_views(fx, data, flip=True, dtype=torch.float32)
         direct = fx.extract(data.float_images().flip(-1)).features
     assert torch.equal(mirrored, direct) and plain.shape == mirrored.shape == (4, fx.feature_dim, 16, 16)
+
+
+def test_corrupt_conv_head_folders_are_one_line_errors(tmp_path):
+    from diffseg_hf.errors import CheckpointError
+
+    head = ConvReadoutModel(in_features=3, num_classes=2, width=8)
+    save_head(tmp_path / "cls", head, {"features": FeatureProtocol().to_dict()})
+    loaded, _ = load_head(tmp_path / "cls")
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), loaded.state_dict().values()))
+    weights = tmp_path / "cls" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match=r"model.safetensors are corrupt or do not match .* re-fit"):
+        load_head(tmp_path / "cls")
+    config = tmp_path / "cls" / "classifier_config.json"
+    config.write_text(json.dumps({"architecture": {"head": "conv", "in_features": 3}}))  # no "config" section
+    with pytest.raises(CheckpointError, match=r"classifier_config.json is corrupt \(KeyError"):
+        load_head(tmp_path / "cls")
