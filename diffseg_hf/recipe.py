@@ -158,11 +158,14 @@ class SegmentConfig:
     model: str | None = None  # default DDPM for `segment fit` (a folder or Hub id); --model overrides it
     dataset: str = field(default="fashion-seg", metadata={"registry": "segmentation dataset"})
     path: str | None = None  # local folder (VOCdevkit for voc; Fashion-MNIST IDX folder for fashion-seg)
-    hub_id: str | None = None  # Hub dataset id (voc, online)
+    hub_id: str | None = None  # Hub dataset id (voc, hub)
+    image_column: str = "image"  # hub: the dataset's image and mask columns
+    mask_column: str = "mask"
+    streaming: bool = False  # hub: stream the rows instead of downloading the split
     train_split: str = "train"
     test_split: str = "test"
-    num_labeled: int = 20
-    num_test: int = 500
+    num_labeled: int | None = 20  # the first N labelled images (folder: in name order); None: all of them
+    num_test: int | None = 500  # held-out images for `segment eval`; None: the whole test split
     data_seed: int = 0  # which canvases are drawn (fashion-seg)
     preset: str = field(default="tuned", metadata={"registry": "segment preset"})  # SEGMENT_PRESETS: fills unset keys
     # feature protocol (diffseg_hf.remote.pipeline_diffseg_segmentation.FeatureProtocol)

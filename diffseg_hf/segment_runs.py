@@ -15,10 +15,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+import torch
 from PIL import Image
 
-from .data.segmentation import SegmentationSet, load_segmentation_data, save_mask_png
-from .data.transforms import images_to_uint8, uint8_to_float
+from .data.segmentation import SegmentationSet, SegSource, load_segmentation_data, save_mask_png
+from .data.readers import find_images
+from .data.transforms import resize_keep_aspect, uint8_to_float
 from .errors import DataError, RecipeError
 from .evaluation.segmentation import SegmentationMeter, format_iou_table
 from .pipeline import load_model_and_scheduler
@@ -47,13 +50,18 @@ def _model_and_labelled(recipe: Recipe, model: str | None):
         raise RecipeError(f"recipe {recipe.name} names no DDPM (segment.model); pass --model DIR|HUB_ID, e.g. the "
                           f"output folder of `diffseg train --recipe {recipe.name}`")
     unet, scheduler = load_model_and_scheduler(model)
-    train = load_segmentation_data(seg.dataset, seg.train_split, num_images=seg.num_labeled,
-                                   resolution=unet.config.sample_size, path=seg.path, hub_id=seg.hub_id,
-                                   seed=seg.data_seed)
+    train = load_segmentation_data(seg_source(seg), seg.train_split, num_images=seg.num_labeled,
+                                   resolution=unet.config.sample_size, channels=unet.config.in_channels)
     if train.images.shape[1] != unet.config.in_channels:
         raise DataError(f"{seg.dataset} images have {train.images.shape[1]} channels but the model {model} takes "
                         f"{unet.config.in_channels}; use a DDPM trained on this dataset")
     return seg, model, unet, scheduler, train
+
+
+def seg_source(seg: SegmentConfig) -> SegSource:
+    """The recipe's segment.dataset / path / hub_id / columns / streaming / data_seed keys as a `SegSource`."""
+    return SegSource(seg.dataset, path=seg.path, hub_id=seg.hub_id, image_column=seg.image_column,
+                     mask_column=seg.mask_column, streaming=seg.streaming, seed=seg.data_seed)
 
 
 def tune_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.PathLike | None = None, *,
@@ -94,9 +102,8 @@ def fit_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.Path
     segmenter, stats = fit_segmenter(unet, scheduler, train, model_location=location, protocol=seg.protocol,
                                      readout=readout_config(seg), progress=progress)
     fit_seconds = time.perf_counter() - started
-    segmenter.config["dataset"] = {"name": seg.dataset, "train_split": seg.train_split, "test_split": seg.test_split,
-                                   "num_test": seg.num_test, "path": seg.path, "hub_id": seg.hub_id,
-                                   "data_seed": seg.data_seed}
+    segmenter.config["dataset"] = {**seg_source(seg).to_dict(), "train_split": seg.train_split,
+                                   "test_split": seg.test_split, "num_test": seg.num_test}
     if os.path.isdir(model):
         segmenter.config["backbone"]["model_relative"] = os.path.relpath(Path(model).resolve(), output_dir.resolve())
     segmenter.save(output_dir)
@@ -122,19 +129,22 @@ def readout_config(seg: SegmentConfig) -> ReadoutConfig:
 
 def load_test_set(segmenter: Segmenter, num_test: int | None = None) -> SegmentationSet:
     d = segmenter.config["dataset"]
-    return load_segmentation_data(d["name"], d["test_split"], num_images=num_test or d["num_test"],
-                                  resolution=segmenter.config["resolution"], path=d["path"], hub_id=d["hub_id"],
-                                  seed=d["data_seed"])
+    source = SegSource.from_dict(d, class_names=segmenter.config["class_names"])
+    return load_segmentation_data(source, d["test_split"], num_images=num_test or d["num_test"],
+                                  resolution=segmenter.config["resolution"], channels=segmenter.config["channels"])
 
 
 def evaluate_classifier(classifier_dir: str | os.PathLike, *, model: str | None = None, num_test: int | None = None,
-                        panel_images: int = 8) -> dict:
-    """mIoU / pixel accuracy of the classifier (and its baseline, when present) on the held-out split.
+                        data: str | None = None, panel_images: int = 8) -> dict:
+    """mIoU / pixel accuracy of the classifier (and its baseline, when present) on the held-out split of the data
+    it was fitted on, or of `data` (a segment.dataset value such as folder:PATH) with the classifier's classes.
 
     Writes `eval.md` (tables) and `eval_panel.png` (image | truth | prediction | uncertainty | baseline).
     """
     classifier_dir = Path(classifier_dir)
     segmenter = Segmenter.load(classifier_dir, model)
+    if data is not None:
+        segmenter.config["dataset"] = {**segmenter.config["dataset"], "dataset": data}
     test = load_test_set(segmenter, num_test)
     started = time.perf_counter()
     metrics = segmenter.evaluate(test)
@@ -166,7 +176,7 @@ def evaluate_classifier(classifier_dir: str | os.PathLike, *, model: str | None 
 def _protocol(segmenter: Segmenter, test: SegmentationSet) -> dict:
     f, fit, readout = segmenter.config["features"], segmenter.config["fit"], segmenter.readout
     return {"test_images": len(test), "test_split": segmenter.config["dataset"]["test_split"],
-            "dataset": segmenter.config["dataset"]["name"], "feature_blocks": f["blocks"],
+            "dataset": SegSource.from_dict(segmenter.config["dataset"]).dataset, "feature_blocks": f["blocks"],
             "timesteps": f["timesteps"], "noise": f["noise"], "noise_seed": f["noise_seed"],
             "flip": segmenter.protocol.flip, "head": readout.head, "vote": readout.vote,
             "standardize": readout.standardize,
@@ -175,29 +185,71 @@ def _protocol(segmenter: Segmenter, test: SegmentationSet) -> dict:
                     "truth and prediction excluded; ignore label 255 skipped"}
 
 
-def predict_files(classifier_dir: str | os.PathLike, images: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                  *, model: str | None = None) -> list[Path]:
-    """For each image: `{stem}_mask.png` (VOC palette), `{stem}_overlay.png`, `{stem}_uncertainty.png`."""
+def predict_files(classifier_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  *, model: str | None = None, batch_size: int = 8) -> dict:
+    """Masks for image files, folders (recursive) and globs: `{stem}_mask.png` (VOC palette, at the image's own
+    size), `{stem}_overlay.png`, `{stem}_uncertainty.png` under `out_dir` (a folder's sub-folders kept).
+
+    Each image is resized to the DDPM's scale keeping its aspect (shorter side = the classifier's resolution),
+    the head's logits are upsampled bilinearly back to the image's size before the vote. Under `accelerate launch`
+    each process predicts its own shard (`PartialState.split_between_processes`). Returns {"written": [mask
+    files of this process], "skipped": [non-image files], "num_images": all images, "process_index": ...}."""
+    from accelerate import PartialState
+
+    pairs, skipped = find_images([str(i) for i in inputs])
+    if not pairs:
+        raise DataError(f"--images {' '.join(map(str, inputs))}: no image files ({len(skipped)} other files skipped); "
+                        "pass .png/.jpg files, a folder or a quoted glob of them")
     segmenter = Segmenter.load(classifier_dir, model)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     res, ch = segmenter.config["resolution"], segmenter.config["channels"]
-    pics = []
-    for path in images:
-        try:
-            pics.append(Image.open(path).copy())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: cannot read the image ({e})") from None
-    uint8 = images_to_uint8(pics, resolution=res, channels=ch)  # (N, C, R, R)
-    labels, unc = segmenter.predict(uint8_to_float(uint8))
-    written = []
-    for i, path in enumerate(images):
-        stem = Path(path).stem
-        save_mask_png(out_dir / f"{stem}_mask.png", labels[i])
-        Image.fromarray(overlay(uint8[i:i + 1], labels[i:i + 1])[0]).save(out_dir / f"{stem}_overlay.png")
-        Image.fromarray(heat(unc[i:i + 1])[0]).save(out_dir / f"{stem}_uncertainty.png")
-        written.append(out_dir / f"{stem}_mask.png")
-    return written
+    multiple = 2 ** (len(segmenter.unet.config.block_out_channels) - 1)  # the UNet halves the side per level
+    out_dir, state, written = Path(out_dir), PartialState(cpu=not torch.cuda.is_available()), []
+    with state.split_between_processes(pairs) as mine:
+        groups: dict[tuple[int, int], list[tuple[Path, Path]]] = {}
+        for path, stem in mine:  # group by size (a header read) so each batch shares one shape
+            groups.setdefault(_image_size(path), []).append((path, stem))
+        for (w, h), items in groups.items():
+            for start in range(0, len(items), batch_size):
+                batch = items[start:start + batch_size]
+                pics = [_read_image(path, ch) for path, _ in batch]
+                x = torch.stack([resize_keep_aspect(pic, shorter=res, multiple=multiple, channels=ch) for pic in pics])
+                labels, unc = segmenter.predict(uint8_to_float(x), batch_size, size=(h, w))  # (B, h, w)
+                for (path, stem), pic, lab, u in zip(batch, pics, labels, unc):
+                    written.append(_write_prediction(out_dir / stem, pic, lab, u, ch))
+    return {"written": written, "skipped": skipped, "num_images": len(pairs), "process_index": state.process_index,
+            "num_processes": state.num_processes}
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the image ({e}); remove it or pass only image files") from None
+
+
+def _read_image(path: Path, channels: int) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the image ({e}); remove it or pass only image files") from None
+
+
+def _write_prediction(base: Path, pic: Image.Image, labels: torch.Tensor, unc: torch.Tensor, channels: int) -> Path:
+    """`base`_mask.png, _overlay.png, _uncertainty.png (each written to a temporary name, then renamed)."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    pixels = torch.from_numpy(np.array(pic)).reshape(pic.height, pic.width, channels).permute(2, 0, 1)[None]
+    outputs = {"_mask.png": None, "_overlay.png": Image.fromarray(overlay(pixels, labels[None])[0]),
+               "_uncertainty.png": Image.fromarray(heat(unc[None])[0])}
+    for suffix, picture in outputs.items():
+        tmp = base.with_name(f".{base.name}{suffix}.tmp")
+        if picture is None:
+            save_mask_png(tmp, labels)
+        else:
+            picture.save(tmp, format="PNG")
+        os.replace(tmp, base.with_name(base.name + suffix))
+    return base.with_name(base.name + "_mask.png")
 
 
 def format_result(result: dict) -> str:

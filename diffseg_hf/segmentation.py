@@ -23,7 +23,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from .data.segmentation import (FASHION_SEG_TEST_SEED, IGNORE_INDEX, SEG_DATASETS, SegmentationSet,  # noqa: F401
-                                load_segmentation_data, voc_palette)
+                                SegSource, load_segmentation_data, voc_palette)
 from .errors import CheckpointError, DataError
 from .evaluation.segmentation import SegmentationMeter, SegMetrics
 from .features import FeatureExtractor
@@ -68,15 +68,18 @@ class Segmenter:
         return FeatureExtractor.from_protocol(self.unet, self.scheduler, self.protocol, batch_size=batch_size)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-        """images float (N, C, H, W) in [-1, 1] -> labels (N, H, W) int64, uncertainty (N, H, W) float32."""
+    def predict(self, images: torch.Tensor, batch_size: int = 16, size: tuple[int, int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images float (N, C, H, W) in [-1, 1] -> labels (N, H, W) int64, uncertainty (N, H, W) float32.
+        ``size``: the head's logits are upsampled bilinearly to (H', W') before the vote (e.g. an image's own
+        size, when `images` were resized to the DDPM's scale)."""
         labels, uncertainty = [], []
         head, vote_mode = self.head.eval(), self.readout.vote
         with self.extractor() as extractor:
             for start in range(0, len(images), batch_size):
                 views = feature_views(lambda x: extractor.extract(x).features, images[start:start + batch_size],
                                       self.protocol.flip)  # each (B, D, H, W)
-                lab, unc = predict_views(head.member_logits, views, vote_mode=vote_mode)
+                lab, unc = predict_views(head.member_logits, views, vote_mode=vote_mode, size=size)
                 labels.append(lab)
                 uncertainty.append(unc)
         return torch.cat(labels), torch.cat(uncertainty)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from diffseg_hf.data.segmentation import IGNORE_INDEX
 from diffseg_hf.evaluation.segmentation import SegmentationMeter
-from diffseg_hf.segmentation import load_segmentation_data
+from diffseg_hf.segmentation import SegSource, load_segmentation_data
 from diffseg_hf.supervised import fit_supervised, predict_supervised
 
 
@@ -29,8 +29,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    train = load_segmentation_data("fashion-seg", "train", num_images=args.num_labeled, resolution=32, seed=0)
-    dev = load_segmentation_data("fashion-seg", "train", num_images=200, resolution=32, seed=1)
+    train = load_segmentation_data(SegSource("fashion-seg", seed=0), "train",
+                                   num_images=args.num_labeled, resolution=32)
+    dev = load_segmentation_data(SegSource("fashion-seg", seed=1), "train", num_images=200, resolution=32)
     rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
     done = {(r["steps"], r["max_shift"], r["seed"], r["num_labeled"]) for r in rows}
     for steps in args.steps:

@@ -21,7 +21,7 @@ from diffseg_hf.pipeline import load_model_and_scheduler
 from diffseg_hf.readout import ReadoutConfig
 from diffseg_hf.recipe import SEGMENT_PRESETS
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
-from diffseg_hf.segmentation import fit_segmenter, load_segmentation_data
+from diffseg_hf.segmentation import fit_segmenter, SegSource, load_segmentation_data
 
 EMA_FILE = "custom_checkpoint_1.pkl"  # registration order in training.train: lr scheduler, EMA, progress
 
@@ -55,8 +55,9 @@ def main() -> None:
         unet, scheduler = ema_unet(args.run, step)
         if train is None:
             res = unet.config.sample_size
-            train = load_segmentation_data("fashion-seg", "train", num_images=20, resolution=res, seed=0)
-            dev = load_segmentation_data("fashion-seg", "train", num_images=args.num_dev, resolution=res, seed=1)
+            train = load_segmentation_data(SegSource("fashion-seg", seed=0), "train", num_images=20, resolution=res)
+            dev = load_segmentation_data(SegSource("fashion-seg", seed=1), "train",
+                                         num_images=args.num_dev, resolution=res)
         started = time.perf_counter()
         seg, _ = fit_segmenter(unet, scheduler, train, model_location=str(args.run), protocol=protocol,
                                readout=readout)

@@ -41,7 +41,7 @@ from diffseg_hf.readout import ReadoutConfig
 from diffseg_hf.recipe import SEGMENT_PRESETS
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
 from diffseg_hf.remote.pixel_ensemble import predict_views
-from diffseg_hf.segmentation import fit_head, load_segmentation_data
+from diffseg_hf.segmentation import fit_head, SegSource, load_segmentation_data
 from diffseg_hf.supervised import fit_supervised, predict_supervised
 
 METHODS = ("diffusion", "random-unet", "pixels", "baseline")
@@ -184,8 +184,8 @@ def main() -> None:
                 todo = [n for n in args.counts if (method, n, seed) not in done]
                 if not todo:
                     continue
-                pool = load_segmentation_data("fashion-seg", "train", num_images=max(args.counts), resolution=res,
-                                              seed=100 + seed)
+                pool = load_segmentation_data(SegSource("fashion-seg", seed=100 + seed), "train",
+                                              num_images=max(args.counts), resolution=res)
                 if method == "pixels":
                     fn = pixel_maps
                     feature_protocol = FeatureProtocol(flip=protocol.flip)  # only the flip matters here
@@ -210,8 +210,8 @@ def main() -> None:
                 del test_views, pool_views
         if "baseline" in args.methods:
             for seed in args.seeds:
-                pool = load_segmentation_data("fashion-seg", "train", num_images=max(args.counts), resolution=res,
-                                              seed=100 + seed)
+                pool = load_segmentation_data(SegSource("fashion-seg", seed=100 + seed), "train",
+                                              num_images=max(args.counts), resolution=res)
                 for n in args.counts:
                     if ("baseline", n, seed) in done:
                         continue
@@ -227,8 +227,8 @@ def main() -> None:
                           "seconds": round(time.perf_counter() - started, 1)})
         if args.oracle_images and ("oracle", args.oracle_images, 0) not in done:
             started = time.perf_counter()
-            full = load_segmentation_data("fashion-seg", "train", num_images=args.oracle_images, resolution=res,
-                                          seed=100)
+            full = load_segmentation_data(SegSource("fashion-seg", seed=100), "train",
+                                          num_images=args.oracle_images, resolution=res)
             net = fit_supervised(full.float_images(), full.masks, num_classes=test.num_classes,
                                  steps=args.oracle_steps, batch_size=32, max_shift=args.baseline_max_shift, seed=0)
             result = score(predict_supervised(net, test.float_images(), flip=True), test)

@@ -23,7 +23,7 @@ from diffseg_hf.pipeline import load_model_and_scheduler
 from diffseg_hf.readout import ReadoutConfig
 from diffseg_hf.recipe import SEGMENT_PRESETS
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
-from diffseg_hf.segmentation import fit_segmenter, load_segmentation_data
+from diffseg_hf.segmentation import fit_segmenter, SegSource, load_segmentation_data
 
 PROTOCOL_KEYS = ("blocks", "timesteps", "noise", "num_noise_draws", "flip")
 UP = ("up_blocks.0", "up_blocks.1", "up_blocks.2")
@@ -100,10 +100,11 @@ def main() -> None:
                                                               for k, v in spec.items()})
         names.append(name)
     res = unet.config.sample_size
-    train = load_segmentation_data("fashion-seg", "train", num_images=args.num_labeled, resolution=res, seed=0)
+    train = load_segmentation_data(SegSource("fashion-seg", seed=0), "train",
+                                   num_images=args.num_labeled, resolution=res)
     if args.split == "dev":  # train-split canvases with another seed: never the test split
-        evalset = load_segmentation_data("fashion-seg", "train", num_images=args.num_eval or 200, resolution=res,
-                                         seed=1)
+        evalset = load_segmentation_data(SegSource("fashion-seg", seed=1), "train",
+                                         num_images=args.num_eval or 200, resolution=res)
     else:
         evalset = load_segmentation_data("fashion-seg", "test", num_images=args.num_eval or 500, resolution=res)
     rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []

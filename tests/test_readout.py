@@ -66,6 +66,19 @@ def test_flip_view_equals_the_average_of_the_mirrored_predictions():
     assert not torch.equal(one, labels)  # the second view changed something
 
 
+def test_predict_views_at_another_size_votes_on_bilinearly_upsampled_logits():
+    """Masks at an image's own size: each member's logits are upsampled (bilinear) before the vote."""
+    torch.manual_seed(0)
+    head = ConvReadoutModel(in_features=5, num_classes=3, width=8, standardize=False).eval()
+    feats = torch.randn(2, 5, 6, 7)
+    labels, unc = predict_views(head.member_logits, [feats], vote_mode="soft", size=(9, 13))
+    with torch.no_grad():
+        up = torch.nn.functional.interpolate(head(feats), size=(9, 13), mode="bilinear", align_corners=False)
+    assert labels.shape == unc.shape == (2, 9, 13) and torch.equal(labels, up.argmax(1))
+    same, _ = predict_views(head.member_logits, [feats], vote_mode="soft", size=(6, 7))
+    assert torch.equal(same, predict_views(head.member_logits, [feats], vote_mode="soft")[0])
+
+
 def test_standardisation_statistics_come_from_the_training_pixels_only():
     g = torch.Generator().manual_seed(1)
     features = torch.randn(400, 6, generator=g) * torch.tensor([1.0, 5, 0.1, 2, 3, 1]) + 7

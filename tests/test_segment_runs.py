@@ -68,18 +68,19 @@ def test_reloaded_classifier_reproduces_predictions(classifier, ddpm):
     assert (ua >= 0).all()
 
 
-def test_predict_writes_palette_masks(classifier, tmp_path):
+def test_predict_writes_palette_masks_at_the_image_size(classifier, tmp_path):
     paths = []
     for i in range(2):
         p = tmp_path / f"img{i}.png"
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40), dtype=np.uint8)).save(p)
         paths.append(str(p))
-    written = predict_files(classifier, paths, tmp_path / "out")
+    written = predict_files(classifier, paths, tmp_path / "out")["written"]
     mask = Image.open(written[0])
-    assert mask.mode == "P" and mask.size == (32, 32)
+    assert mask.mode == "P" and mask.size == (40, 40)
+    # a square image: resized to 32 x 32 (as the training images), the logits upsampled back to 40 x 40
     labels, _ = Segmenter.load(classifier).predict(
         __import__("diffseg_hf.data.transforms", fromlist=["x"]).images_to_tensor(
-            [Image.open(p) for p in paths], resolution=32, channels=1))
+            [Image.open(p) for p in paths], resolution=32, channels=1), size=(40, 40))
     assert np.array_equal(np.array(mask), labels[0].numpy())
     assert (tmp_path / "out" / "img1_overlay.png").is_file() and (tmp_path / "out" / "img1_uncertainty.png").is_file()
 

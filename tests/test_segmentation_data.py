@@ -127,7 +127,7 @@ def test_voc_mask_errors_name_file_and_value(tmp_path):
     with pytest.raises(DataError, match=r"a\.png'.*image size \(96, 64\) differs from its mask size \(90, 64\)"):
         load_voc_segmentation(tmp_path, "train")
     Image.new("RGB", (96, 64), (128, 0, 0)).save(mask_dir / "a.png")
-    with pytest.raises(DataError, match=r"a\.png' is a RGB image; VOC masks must be palette \('P'\)"):
+    with pytest.raises(DataError, match=r"a\.png' is a RGB image; masks must be palette \('P'\) PNGs"):
         load_voc_segmentation(tmp_path, "train")
 
 
@@ -137,7 +137,8 @@ def test_voc_hub_offline_error(monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(DataError, match=r"cannot load 'someone/voc2012' split 'train' from the Hub .*load_voc_seg"):
+    with pytest.raises(DataError, match=r"cannot load 'someone/voc2012' split 'train' .*go online once to cache it, "
+                                        r"or use a local folder"):
         load_voc_segmentation_hub("someone/voc2012", "train", 32)
 
 

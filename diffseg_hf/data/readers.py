@@ -141,3 +141,49 @@ def check_split(split: str, allowed: tuple[str, ...], what: str = "this source")
     if split not in allowed:
         raise DataError(f"split '{split}' is not available for {what}; set data.split to one of {', '.join(allowed)}")
     return split
+
+
+# ---------------------------------------------------------------- image files named on a command line
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+def find_images(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """Files, folders (searched recursively) and glob patterns -> ([(image file, output stem)], [skipped files]).
+
+    The output stem is the file's stem for a named file or a glob match, and its path below the folder (without
+    suffix) for a folder's files, so `a/x.png` and `b/x.png` of one folder stay apart. Files of a folder or glob
+    that are not images (by suffix) are skipped; a named file is always tried. Sorted, duplicates dropped."""
+    import glob
+
+    found: dict[Path, Path] = {}
+    skipped: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            for p in files:
+                if p.suffix.lower() in IMAGE_SUFFIXES:
+                    found.setdefault(p.resolve(), p.relative_to(path).with_suffix(""))
+                else:
+                    skipped.append(p)
+        elif path.is_file():
+            found.setdefault(path.resolve(), Path(path.stem))
+        elif glob.has_magic(item):
+            matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
+            if not matches:
+                raise DataError(f"--images {item}: the pattern matches no file")
+            for p in (m for m in matches if m.is_file()):
+                if p.suffix.lower() in IMAGE_SUFFIXES:
+                    found.setdefault(p.resolve(), Path(p.stem))
+                else:
+                    skipped.append(p)
+        else:
+            raise DataError(f"--images {item}: no such file or folder; pass image files, a folder or a quoted glob")
+    pairs = sorted(found.items(), key=lambda kv: str(kv[1]))
+    stems = [str(stem) for _, stem in pairs]
+    clash = sorted({s for s in stems if stems.count(s) > 1})
+    if clash:
+        raise DataError(f"--images: several inputs would write {clash[0]}_mask.png ({len(clash)} names clash); "
+                        "pass their common folder instead, which keeps sub-folders apart")
+    return pairs, skipped

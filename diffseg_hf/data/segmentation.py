@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffseg_hf.data.readers import (VOC_LAYOUT, arrays_to_dataset, load_fashion_mnist_arrays, resolve_voc_root,
-                                    voc_image_ids)
+from diffseg_hf.data.readers import (IMAGE_SUFFIXES, VOC_LAYOUT, arrays_to_dataset, load_fashion_mnist_arrays,
+                                    resolve_voc_root, voc_image_ids)
 from diffseg_hf.data.transforms import images_to_uint8
 from diffseg_hf.errors import DataError
 
@@ -113,21 +113,34 @@ def save_mask_png(path: str | Path, mask: np.ndarray | torch.Tensor) -> None:
     assert ids.ndim == 2 and ids.min() >= 0 and ids.max() <= 255, f"mask {ids.shape} range {ids.min()}..{ids.max()}"
     png = Image.fromarray(ids.astype(np.uint8), mode="P")
     png.putpalette(voc_palette(256).reshape(-1).tolist())
-    png.save(path)
+    png.save(path, format="PNG")
 
 
 # ---------------------------------------------------------------- VOC 2012
 
 
-def _check_mask(mask: Image.Image, name: str, num_classes: int) -> None:
-    if mask.mode not in ("P", "L"):
+MASK_MODES = ("P", "L", "1")  # palette indices, single-channel ids, binary (0/1)
+
+
+def mask_ids(mask: Image.Image, name: str) -> np.ndarray:
+    """(H, W) uint8 class ids of a mask image: the palette INDEX of a 'P' PNG (never its colour), the value of a
+    single-channel 'L' PNG, 0/1 of a binary one."""
+    if mask.mode not in MASK_MODES:
         raise DataError(
-            f"mask '{name}' is a {mask.mode} image; VOC masks must be palette ('P') PNGs whose indices are class ids"
-        )
-    ids = np.asarray(mask)  # (H, W) palette indices, never the RGB colours
+            f"mask '{name}' is a {mask.mode} image; masks must be palette ('P') PNGs whose indices are class ids, or "
+            "single-channel PNGs of class ids (convert colour masks to ids first)")
+    return np.asarray(mask, dtype=np.uint8)
+
+
+def _check_ids(ids: np.ndarray, name: str, num_classes: int) -> None:
     bad = ids[(ids >= num_classes) & (ids != IGNORE_INDEX)]
     if bad.size:
-        raise DataError(f"mask '{name}' holds class id {int(bad[0])}; expected 0..{num_classes - 1} or 255 (ignore)")
+        raise DataError(f"mask '{name}' holds class id {int(bad.max())}; expected 0..{num_classes - 1} or 255 "
+                        "(ignore): fix the mask or list every class in classes.txt")
+
+
+def _check_mask(mask: Image.Image, name: str, num_classes: int) -> None:
+    _check_ids(mask_ids(mask, name), name, num_classes)
 
 
 def _nearest_shorter_side_crop(mask: Image.Image, resolution: int) -> np.ndarray:
@@ -141,14 +154,17 @@ def _nearest_shorter_side_crop(mask: Image.Image, resolution: int) -> np.ndarray
 
 
 def _image_mask_pair(
-    image: Image.Image, mask: Image.Image, resolution: int, name: str, num_classes: int
+    image: Image.Image, mask: Image.Image, resolution: int, name: str, num_classes: int, channels: int = 3
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode and resize one pair -> (res, res, 3) uint8 image and (res, res) uint8 ids."""
+    """Decode and resize one pair -> (res, res, channels) uint8 image and (res, res) uint8 ids."""
     if image.size != mask.size:
-        raise DataError(f"'{name}': image size {image.size} differs from its mask size {mask.size}")
+        raise DataError(f"'{name}': image size {image.size} differs from its mask size {mask.size}; a mask must "
+                        "have its image's size")
     _check_mask(mask, name, num_classes)  # validate before resizing so the message names the original value
-    rgb = images_to_uint8([image.convert("RGB")], resolution=resolution, channels=3)[0]  # (3, res, res)
-    return rgb.permute(1, 2, 0).numpy(), _nearest_shorter_side_crop(mask, resolution)
+    if mask.mode == "1":
+        mask = Image.fromarray(mask_ids(mask, name))
+    pixels = images_to_uint8([image], resolution=resolution, channels=channels)[0]  # (C, res, res)
+    return pixels.permute(1, 2, 0).numpy(), _nearest_shorter_side_crop(mask, resolution)
 
 
 def _stack_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], class_names: tuple[str, ...]) -> SegmentationSet:
@@ -179,7 +195,7 @@ def load_voc_segmentation(
     return _stack_pairs(pairs, VOC_CLASSES)
 
 
-def load_voc_segmentation_hub(
+def load_hub_segmentation(
     hub_id: str,
     split: str = "train",
     resolution: int = 32,
@@ -187,26 +203,126 @@ def load_voc_segmentation_hub(
     image_column: str = "image",
     mask_column: str = "mask",
     limit: int | None = None,
+    streaming: bool = False,
+    channels: int = 3,
+    class_names: tuple[str, ...] | None = None,
 ) -> SegmentationSet:
-    """Load a VOC copy on the Hugging Face Hub whose rows hold an RGB image and a palette mask."""
+    """A Hub dataset (or a local dataset folder / parquet files `datasets` can load) whose rows hold an image and
+    a mask (palette or single-channel PNG of class ids); the first `limit` rows. Without `class_names` the
+    classes are class_0 .. class_K-1, K = the largest id in the masks + 1."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(hub_id, split=split)
+        ds = datasets.load_dataset(hub_id, split=split, streaming=streaming)
     except (ConnectionError, OSError, ValueError) as err:
         raise DataError(
-            f"cannot load '{hub_id}' split '{split}' from the Hub ({type(err).__name__}); "
-            "go online, or download VOC 2012 and use load_voc_segmentation(root)"
-        ) from err
-    for column in (image_column, mask_column):
-        if column not in ds.column_names:
-            raise DataError(f"'{hub_id}' has no column '{column}'; its columns are {ds.column_names}")
-    ds = ds.select(range(min(limit, len(ds)))) if limit is not None else ds
-    pairs = [
-        _image_mask_pair(row[image_column], row[mask_column], resolution, f"{hub_id}[{i}]", len(VOC_CLASSES))
-        for i, row in enumerate(ds)
-    ]
-    return _stack_pairs(pairs, VOC_CLASSES)
+            f"cannot load '{hub_id}' split '{split}' ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+            "check segment.hub_id and the split keys, go online once to cache it, or use a local folder "
+            "(segment.dataset=folder:PATH, or voc with segment.path)"
+        ) from None
+    columns = ds.column_names if ds.column_names is not None else list(ds.features or {})
+    for key, column in (("segment.image_column", image_column), ("segment.mask_column", mask_column)):
+        if column not in columns:
+            raise DataError(f"'{hub_id}' has no column '{column}' ({key}); its columns are {columns}: set {key}")
+    rows = ds.take(limit) if streaming and limit is not None else (
+        ds.select(range(min(limit, len(ds)))) if limit is not None else ds)
+    loaded = [(row[image_column], row[mask_column]) for row in rows]
+    if not loaded:
+        raise DataError(f"'{hub_id}' split '{split}' has no rows; check segment.train_split / segment.test_split")
+    names = class_names or _inferred_classes(
+        max(int(_max_id(mask_ids(m, f"{hub_id}[{i}]"))) for i, (_, m) in enumerate(loaded)))
+    pairs = [_image_mask_pair(im, m, resolution, f"{hub_id}[{split}][{i}]", len(names), channels)
+             for i, (im, m) in enumerate(loaded)]
+    return _stack_pairs(pairs, tuple(names))
+
+
+def load_voc_segmentation_hub(hub_id: str, split: str = "train", resolution: int = 32, *, image_column: str = "image",
+                              mask_column: str = "mask", limit: int | None = None) -> SegmentationSet:
+    """A VOC copy on the Hugging Face Hub whose rows hold an RGB image and a palette mask (the 21 VOC classes)."""
+    return load_hub_segmentation(hub_id, split, resolution, image_column=image_column, mask_column=mask_column,
+                                 limit=limit, class_names=VOC_CLASSES)
+
+
+def _max_id(ids: np.ndarray) -> int:
+    """The largest class id of a mask, ignore (255) excluded; -1 for an all-ignore mask."""
+    kept = ids[ids != IGNORE_INDEX]
+    return int(kept.max()) if kept.size else -1
+
+
+def _inferred_classes(max_id: int) -> tuple[str, ...]:
+    return tuple(f"class_{i}" for i in range(max(max_id + 1, 2)))
+
+
+# ---------------------------------------------------------------- a folder of images and masks
+
+FOLDER_LAYOUT = "PATH/{train,test}/images/NAME.{png,jpg} + PATH/{train,test}/masks/NAME.png (+ PATH/classes.txt)"
+
+
+def read_class_names(root: str | Path) -> tuple[str, ...] | None:
+    """`root/classes.txt`: line i names class id i (blank lines at the end ignored); None when there is none."""
+    file = Path(root) / "classes.txt"
+    if not file.is_file():
+        return None
+    names = tuple(line.strip() for line in file.read_text().rstrip().splitlines())
+    if len(names) < 2 or "" in names or len(set(names)) != len(names):
+        raise DataError(f"{file}: need one distinct, non-empty class name per line (line i = class id i), "
+                        f"at least 2; got {list(names)}")
+    return names
+
+
+def _files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in suffixes}
+
+
+def _few(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def load_folder_segmentation(
+    root: str | Path,
+    split: str = "train",
+    resolution: int = 32,
+    *,
+    channels: int = 3,
+    limit: int | None = None,
+    class_names: tuple[str, ...] | None = None,
+) -> SegmentationSet:
+    """Images and masks laid out as FOLDER_LAYOUT, paired by file stem, in sorted order (the first `limit`).
+
+    Classes: `class_names` when given (a fitted classifier's), else `root/classes.txt`, else class_0 ..
+    class_K-1 with K = the largest id in the split's masks + 1; every mask is checked against them."""
+    root = Path(root).expanduser()
+    images_dir, masks_dir = root / split / "images", root / split / "masks"
+    for folder in (images_dir, masks_dir):
+        if not folder.is_dir():
+            hint = (" (held-out images for `segment eval`: put them in the same layout under test/)"
+                    if split == "test" else "")
+            raise DataError(f"{folder} not found; a folder dataset is laid out as {FOLDER_LAYOUT}{hint}")
+    images, masks = _files_by_stem(images_dir, IMAGE_SUFFIXES), _files_by_stem(masks_dir, (".png",))
+    if not images and not masks:
+        raise DataError(f"{images_dir} and {masks_dir} hold no images; add NAME.png/.jpg images and NAME.png masks")
+    no_mask, no_image = sorted(set(images) - set(masks)), sorted(set(masks) - set(images))
+    if no_mask:
+        raise DataError(f"{len(no_mask)} images in {images_dir} have no mask in {masks_dir} ({_few(no_mask)}); "
+                        "add NAME.png masks or move those images out")
+    if no_image:
+        raise DataError(f"{len(no_image)} masks in {masks_dir} have no image in {images_dir} ({_few(no_image)}); "
+                        "add the images or remove those masks")
+    stems = sorted(images)[:limit]
+    loaded = []
+    for stem in stems:
+        try:
+            with Image.open(images[stem]) as im, Image.open(masks[stem]) as m:
+                im.load(), m.load()
+                loaded.append((im.copy(), m.copy()))
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {images[stem]} or {masks[stem]} ({e}); replace the file") from None
+    names = class_names or read_class_names(root)
+    if names is None:
+        names = _inferred_classes(max(_max_id(mask_ids(m, str(masks[s]))) for s, (_, m) in zip(stems, loaded)))
+    pairs = [_image_mask_pair(im, m, resolution, str(masks[s]), len(names), channels)
+             for s, (im, m) in zip(stems, loaded)]
+    return _stack_pairs(pairs, tuple(names))
 
 
 # ---------------------------------------------------------------- fashion-seg
@@ -312,34 +428,116 @@ def segmentation_images_dataset(seg_set: SegmentationSet) -> datasets.Dataset:
     return arrays_to_dataset(images[:, 0] if images.shape[1] == 1 else images.transpose(0, 2, 3, 1))
 
 
+def write_image_folder(images: torch.Tensor, folder: str | Path) -> list[Path]:
+    """uint8 images (N, C, H, W) as `folder/00000.png`, ... (grey for C = 1)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):  # (H, W, C)
+        written.append(folder / f"{i:05d}.png")
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(written[-1])
+    return written
+
+
+def write_segmentation_folder(data: SegmentationSet, root: str | Path, split: str) -> Path:
+    """Write a labelled set in the folder layout (FOLDER_LAYOUT): `root/split/images/NAME.png`, palette masks
+    `root/split/masks/NAME.png` and `root/classes.txt`; the inverse of `load_folder_segmentation`."""
+    root = Path(root)
+    (root / split / "masks").mkdir(parents=True, exist_ok=True)
+    for path, mask in zip(write_image_folder(data.images, root / split / "images"), data.masks):
+        save_mask_png(root / split / "masks" / path.name, mask)
+    (root / "classes.txt").write_text("\n".join(data.class_names) + "\n")
+    return root / split
+
+
 # ---------------------------------------------------------------- labelled datasets by name
 FASHION_SEG_TEST_SEED = 12345  # test canvases never change with the label seed
 
 
-def _fashion_seg(split: str, *, num_images: int, resolution: int, path: str | None, hub_id: str | None,
-                 seed: int) -> SegmentationSet:
-    return load_fashion_seg(split, num_canvases=num_images, canvas_size=resolution, path=path,
-                            seed=FASHION_SEG_TEST_SEED if split == "test" else seed)
+@dataclass(frozen=True)
+class SegSource:
+    """Where a labelled set comes from: a `SEG_DATASETS` name (or `folder:PATH` / `hub:ID`) and its options,
+    i.e. the recipe's segment.dataset / path / hub_id / image_column / mask_column / streaming / data_seed keys.
+    `class_names` (a fitted classifier's) fixes the classes the masks are checked against."""
+
+    dataset: str = "fashion-seg"
+    path: str | None = None
+    hub_id: str | None = None
+    image_column: str = "image"
+    mask_column: str = "mask"
+    streaming: bool = False
+    seed: int = 0
+    class_names: tuple[str, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.dataset.partition(":")[0]
+
+    @property
+    def location(self) -> str | None:
+        """The folder or Hub id: the ARG of `folder:PATH` / `hub:ID`, else segment.path / segment.hub_id."""
+        arg = self.dataset.partition(":")[2] or None
+        return arg or (self.hub_id if self.name == "hub" else self.path)
+
+    def to_dict(self) -> dict:
+        return {"dataset": self.dataset, "path": self.path, "hub_id": self.hub_id, "image_column": self.image_column,
+                "mask_column": self.mask_column, "streaming": self.streaming, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: dict, class_names: tuple[str, ...] | None = None) -> SegSource:
+        """From `to_dict` (or the {name, path, hub_id, data_seed} of classifier folders written before it)."""
+        known = {k: d[k] for k in ("path", "hub_id", "image_column", "mask_column", "streaming") if k in d}
+        return cls(dataset=d.get("dataset", d.get("name", "fashion-seg")), seed=d.get("seed", d.get("data_seed", 0)),
+                   class_names=tuple(class_names) if class_names else None, **known)
 
 
-def _voc(split: str, *, num_images: int, resolution: int, path: str | None, hub_id: str | None,
-         seed: int) -> SegmentationSet:
-    if hub_id is not None:
-        return load_voc_segmentation_hub(hub_id, split, resolution, limit=num_images)
-    if path is None:
+def _fashion_seg(source: SegSource, split: str, *, num_images: int | None, resolution: int,
+                 channels: int) -> SegmentationSet:
+    return load_fashion_seg(split, num_canvases=num_images or 500, canvas_size=resolution, path=source.path,
+                            seed=FASHION_SEG_TEST_SEED if split == "test" else source.seed)
+
+
+def _voc(source: SegSource, split: str, *, num_images: int | None, resolution: int, channels: int) -> SegmentationSet:
+    if source.hub_id is not None:
+        return load_voc_segmentation_hub(source.hub_id, split, resolution, image_column=source.image_column,
+                                         mask_column=source.mask_column, limit=num_images)
+    if source.path is None:
         raise DataError("segment.path is not set; point it at a VOCdevkit/VOC2012 folder (or set segment.hub_id)")
-    return load_voc_segmentation(path, split, resolution, limit=num_images)
+    return load_voc_segmentation(source.path, split, resolution, limit=num_images)
+
+
+def _folder(source: SegSource, split: str, *, num_images: int | None, resolution: int,
+            channels: int) -> SegmentationSet:
+    if source.location is None:
+        raise DataError(f"the folder dataset needs its folder: segment.dataset=folder:PATH (--data folder:PATH), "
+                        f"laid out as {FOLDER_LAYOUT}")
+    return load_folder_segmentation(source.location, split, resolution, channels=channels, limit=num_images,
+                                    class_names=source.class_names)
+
+
+def _hub(source: SegSource, split: str, *, num_images: int | None, resolution: int, channels: int) -> SegmentationSet:
+    if source.location is None:
+        raise DataError("the hub dataset needs its id: segment.dataset=hub:ID (--data hub:ID) or segment.hub_id")
+    return load_hub_segmentation(source.location, split, resolution, image_column=source.image_column,
+                                 mask_column=source.mask_column, limit=num_images, streaming=source.streaming,
+                                 channels=channels, class_names=source.class_names)
 
 
 # The segmentation-dataset registry (`segment.dataset`), beside the image sources' registry in data/sources.py:
-# name -> loader(split, num_images, resolution, path, hub_id, seed).
-SEG_DATASETS: dict[str, Callable[..., SegmentationSet]] = {"fashion-seg": _fashion_seg, "voc": _voc}
+# name -> loader(source, split, num_images, resolution, channels). Names in SEG_DATASET_ARGS are written NAME:ARG.
+SEG_DATASETS: dict[str, Callable[..., SegmentationSet]] = {"fashion-seg": _fashion_seg, "voc": _voc,
+                                                           "folder": _folder, "hub": _hub}
+SEG_DATASET_ARGS = {"folder": "PATH", "hub": "ID"}
 
 
-def load_segmentation_data(dataset: str, split: str, *, num_images: int, resolution: int, path: str | None = None,
-                           hub_id: str | None = None, seed: int = 0) -> SegmentationSet:
-    if dataset not in SEG_DATASETS:
-        raise DataError(f"unknown segmentation dataset {dataset!r} (segment.dataset); choose from "
-                        f"{', '.join(SEG_DATASETS)}")
-    return SEG_DATASETS[dataset](split, num_images=num_images, resolution=resolution, path=path, hub_id=hub_id,
-                                 seed=seed)
+def load_segmentation_data(source: SegSource | str, split: str, *, num_images: int | None, resolution: int,
+                           channels: int = 3) -> SegmentationSet:
+    """A labelled split of `source` at resolution x resolution: images (shorter side resized, antialiased, then
+    centre-cropped; converted to `channels` where the dataset allows it), masks resized with nearest neighbour.
+    `num_images` None: all of a folder or Hub split (500 canvases of fashion-seg)."""
+    source = SegSource(source) if isinstance(source, str) else source
+    if source.name not in SEG_DATASETS:
+        names = [n + (":" + SEG_DATASET_ARGS[n] if n in SEG_DATASET_ARGS else "") for n in SEG_DATASETS]
+        raise DataError(f"unknown segmentation dataset {source.dataset!r} (segment.dataset); choose from "
+                        f"{', '.join(names)}")
+    return SEG_DATASETS[source.name](source, split, num_images=num_images, resolution=resolution, channels=channels)

@@ -18,6 +18,7 @@ from datasets import Dataset, Features, Image, IterableDataset
 from diffseg_hf.data.readers import (  # noqa: F401  FASHION_MNIST_DIR, SPLITS, read_idx: re-exported
     FASHION_MNIST_DIR,
     IDX_FILES,
+    IMAGE_SUFFIXES,
     SPLITS,
     VOC_LAYOUT,
     arrays_to_dataset,
@@ -95,13 +96,25 @@ def _digits(arg: str | None, *, split: str, path: str | None, streaming: bool, h
 
 
 def _imagefolder(arg: str | None, *, split: str, path: str | None, streaming: bool, hub_id: str | None) -> Images:
-    """``imagefolder:PATH`` through datasets' imagefolder builder (sub-folders become labels)."""
-    folder = arg or path
-    if not folder:
+    """``imagefolder:PATH`` through datasets' imagefolder builder (sub-folders become labels, train/ and test/
+    splits). ``imagefolder:A,B,...``: the images of several folders (searched recursively) as one train split, e.g.
+    a segmentation folder's labelled images plus a folder of unlabelled ones."""
+    folders = [f for f in (arg or path or "").split(",") if f]
+    if not folders:
         raise DataError("imagefolder needs a folder: use imagefolder:PATH or set data.path")
-    folder = Path(folder).expanduser().resolve()
-    if not folder.is_dir():
-        raise DataError(f"imagefolder: folder {folder} not found; point imagefolder:PATH at a folder of images")
+    folders = [Path(f).expanduser().resolve() for f in folders]
+    for folder in folders:
+        if not folder.is_dir():
+            raise DataError(f"imagefolder: folder {folder} not found; point imagefolder:PATH at a folder of images")
+    if len(folders) > 1:
+        check_split(split, ("train",), "imagefolder with several folders (one train split)")
+        files = [str(p) for f in folders for p in sorted(f.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise DataError(f"imagefolder: no image files in {', '.join(map(str, folders))}; put .png/.jpg files there")
+        ds = datasets.load_dataset("imagefolder", data_files={"train": files}, split="train", streaming=streaming,
+                                   drop_labels=True)
+        return _standardize_columns(ds, f"imagefolder:{','.join(map(str, folders))}")
+    folder = folders[0]
     try:
         ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, streaming=streaming)
     except datasets.data_files.EmptyDatasetError as e:

@@ -41,6 +41,19 @@ def images_to_uint8(images: Any, *, resolution: int, channels: int) -> torch.Ten
                       for g in groups])
 
 
+def resize_keep_aspect(image: PIL.Image.Image, *, shorter: int, multiple: int, channels: int) -> torch.Tensor:
+    """One image -> uint8 (C, h, w) at the scale `images_to_uint8` gives it, WITHOUT the crop: the shorter side
+    becomes `shorter`, the longer one keeps the aspect, rounded to a multiple of `multiple` (a UNet's input size
+    must divide by 2 ** number of downsamplings); antialiased bilinear."""
+    x = _to_nchw(torch.from_numpy(_writable(_as_array(image, channels)))[None], channels)  # (1, C, H, W)
+    h, w = x.shape[-2:]
+    scale = shorter / min(h, w)
+    size = tuple(max(multiple, multiple * round(side * scale / multiple)) for side in (h, w))
+    if size != (h, w):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x.round().clamp_(0, 255).to(torch.uint8).expand(-1, channels, -1, -1)[0].contiguous()
+
+
 def uint8_to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     assert x.dtype == torch.uint8, f"expected uint8, got {x.dtype}"

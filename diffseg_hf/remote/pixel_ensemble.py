@@ -119,25 +119,32 @@ def vote(logits: torch.Tensor, mode: str = "hard") -> tuple[torch.Tensor, torch.
 
 @torch.no_grad()
 def predict_views(member_logits: Callable[[torch.Tensor], torch.Tensor], views: Sequence[torch.Tensor], *,
-                  vote_mode: str = "hard", chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+                  vote_mode: str = "hard", chunk: int = 65536, size: tuple[int, int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels (int64) and uncertainty (float32), (N, H, W) on CPU, from one or two views of features (N, D, H, W):
     views[1], when given, holds the features of the MIRRORED images; its logits are flipped back and its members
     join the vote (so with soft voting the result is the average of the two views' probabilities).
-    ``member_logits`` maps (g, D, H, W) to (E, g, H, W, C); ``chunk`` bounds the pixels per call."""
+    ``member_logits`` maps (g, D, H, W) to (E, g, H, W, C); ``chunk`` bounds the pixels per call. ``size``: the
+    members' logits are upsampled bilinearly to this (H', W') before the vote (masks at an image's own size)."""
     assert 1 <= len(views) <= 2, f"one view or a view and its mirror, got {len(views)}"
     n, _, h, w = views[0].shape
-    labels = torch.empty(n, h, w, dtype=torch.long)
-    uncertainty = torch.empty(n, h, w)
-    per = max(1, chunk // (h * w))
+    oh, ow = size or (h, w)
+    labels = torch.empty(n, oh, ow, dtype=torch.long)
+    uncertainty = torch.empty(n, oh, ow)
+    per = max(1, chunk // max(h * w, oh * ow))
     for i in range(0, n, per):
         logits = [member_logits(v[i : i + per]).float() for v in views]  # each (E, g, H, W, C)
         if len(logits) == 2:
             logits[1] = logits[1].flip(-2)  # mirror back along W
         stacked = torch.cat(logits, 0)  # (E*V, g, H, W, C)
-        g = stacked.shape[1]
-        lab, unc = vote(stacked.flatten(1, 3), vote_mode)  # (g*H*W,)
-        labels[i : i + g] = lab.view(g, h, w).cpu()
-        uncertainty[i : i + g] = unc.view(g, h, w).cpu()
+        m, g, c = stacked.shape[0], stacked.shape[1], stacked.shape[-1]
+        if (oh, ow) != (h, w):
+            flat = stacked.permute(0, 1, 4, 2, 3).reshape(m * g, c, h, w)
+            flat = F.interpolate(flat, size=(oh, ow), mode="bilinear", align_corners=False)
+            stacked = flat.view(m, g, c, oh, ow).permute(0, 1, 3, 4, 2)  # (E*V, g, H', W', C)
+        lab, unc = vote(stacked.reshape(m, g * oh * ow, c), vote_mode)  # (g*H'*W',)
+        labels[i : i + g] = lab.view(g, oh, ow).cpu()
+        uncertainty[i : i + g] = unc.view(g, oh, ow).cpu()
     return labels, uncertainty
 
 
