@@ -2,21 +2,23 @@
 
 Output folder:
     model_index.json, unet/, scheduler/, recipe.yaml   the final pipeline (EMA weights), loadable by diffusers
-    checkpoint-{step}/                                 accelerate state (model, optimizer, LR, EMA, progress)
+    checkpoint-{step}/                                 safetensors + JSON + manifest (see checkpoints.py)
     samples/step-{step}.png                            EMA sample grids
     logs/                                              tensorboard
     train_summary.json                                 steps, wall time, img/s, last loss, per-rank weight checksums
+    .lock                                              PID and host of the run training here (checkpoints.py)
 
-Determinism: batch k comes from `TrainBatches.iterate(k)` and its noise and timesteps from a generator seeded by
-(seed, k, rank), so `N steps + --resume` reproduces an uninterrupted run bit for bit on CPU.
+Determinism: batch k comes from `TrainBatches.iterate(k)`, its noise and timesteps from a generator seeded by
+(seed, k, rank), and torch's global RNG (dropout) is reseeded from (seed, k, rank) before each micro-step, so
+`N steps + --resume` reproduces an uninterrupted run bit for bit on CPU with no RNG state in the checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -35,14 +37,14 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from .build import build_scheduler, build_unet
+from .checkpoints import (CHECKPOINT_PREFIX, OutputLock, OutputLocked, TrainingObjects, load_checkpoint,
+                          resolve_resume, save_checkpoint)
 from .data import TrainBatches, load_images
-from .errors import CheckpointError, DiffsegError
+from .errors import DiffsegError
 from .pipeline import save_pipeline
 from .recipe import Recipe
 from .sampling import sample, save_grid
 from .schedule import sampling_scheduler
-
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 class TrainingDiverged(DiffsegError):
@@ -57,7 +59,7 @@ class TrainingInterrupted(DiffsegError):
 
 @dataclass
 class TrainState:
-    """Progress that must survive a resume (registered with accelerate's checkpointing)."""
+    """Progress that must survive a resume (JSON in the checkpoint's training_state.json)."""
 
     step: int = 0
     images_seen: int = 0
@@ -69,35 +71,18 @@ class TrainState:
                 "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.images_seen, self.history = state["step"], state["images_seen"], list(state["history"])
+        self.step, self.images_seen = state["step"], state["images_seen"]
+        self.history = [tuple(h) for h in state["history"]]  # JSON gives lists back
         self.train_seconds = state.get("train_seconds", 0.0)
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints, oldest first (in-progress `.tmp-` folders are ignored)."""
-    found = []
-    for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = p.name[len(CHECKPOINT_PREFIX):]
-        if p.is_dir() and suffix.isdigit():
-            found.append((int(suffix), p))
-    return [p for _, p in sorted(found)]
-
-
-def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "latest":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1] if ckpts else None  # nothing yet: start fresh
-    path = Path(resume)
-    if not path.is_dir():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint folder; use --resume latest or a "
-                              f"{CHECKPOINT_PREFIX}N folder inside the output directory")
-    return path
 
 
 def _step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1)[0]))
+
+
+def _seed_global_rng(seed: int, micro_step: int, rank: int) -> None:
+    """Dropout, and anything else that draws from torch's global RNG, gets a seed of (seed, step, rank) too."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, micro_step, rank, 1]).generate_state(1)[0]))
 
 
 def diffusion_loss(unet, scheduler, clean: torch.Tensor, generator: torch.Generator,
@@ -135,11 +120,10 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
 
     `max_steps` stops the run at that step (default: train.max_steps); the LR schedule spans
     max(train.max_steps, max_steps), so `--max-steps N` then `--resume latest` equals one straight run.
-    `step_callback(step, loss)` runs after every optimizer step on every process.
+    `step_callback(step, loss)` runs after every optimizer step on every process. The main process holds
+    `output_dir/.lock` for the whole run (a second run on the same folder refuses).
     """
     cfg, output_dir = recipe.train, Path(output_dir)
-    stop_at = max_steps if max_steps is not None else cfg.max_steps
-    horizon = max(cfg.max_steps, stop_at)
     # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another precision;
     # a process that trains several recipes (ablate, bench, tests) starts each from a fresh one. PartialState (the
     # process group) is kept, and the launcher's precision still arrives through its environment variable.
@@ -148,7 +132,16 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
         cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
-    resume_from = resolve_resume(output_dir, resume)
+    with _output_lock(accelerator, output_dir):
+        return _train(accelerator, recipe, output_dir, max_steps, resume, step_callback, progress)
+
+
+def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps: int | None, resume: str | None,
+           step_callback: Callable[[int, float], None] | None, progress: bool) -> dict:
+    cfg = recipe.train
+    stop_at = max_steps if max_steps is not None else cfg.max_steps
+    horizon = max(cfg.max_steps, stop_at)
+    resume_from = resolve_resume(output_dir, resume, log=accelerator.print)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.yaml").write_text(recipe.to_yaml())
@@ -173,14 +166,10 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
     unet, optimizer = accelerator.prepare(unet, optimizer)
     ema.to(accelerator.device)
     state = TrainState()
-    for obj in (lr_scheduler, ema, state):
-        accelerator.register_for_checkpointing(obj)
+    objects = TrainingObjects(model=accelerator.unwrap_model(unet), optimizer=optimizer, lr_scheduler=lr_scheduler,
+                              ema=ema, progress=state, grad_scaler=accelerator.scaler)
     if resume_from is not None:
-        try:
-            accelerator.load_state(str(resume_from))
-        except (OSError, RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{resume_from}: cannot resume ({str(e).splitlines()[0]}); pick an older "
-                                  f"checkpoint with --resume {output_dir}/{CHECKPOINT_PREFIX}N") from None
+        load_checkpoint(resume_from, objects)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     accelerator.init_trackers("diffseg", config=_flat(recipe.to_dict()))
 
@@ -197,7 +186,7 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
         now = time.perf_counter()
         state.train_seconds += now - clock[0]
         clock[0] = now
-        return save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+        return save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit, objects)
 
     last_checkpoint = resume_from
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes is not None else math.inf
@@ -210,6 +199,7 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
                 break
             for _ in range(accum):
                 clean = next(stream).to(accelerator.device)
+                _seed_global_rng(cfg.seed, micro, rank)
                 with accelerator.accumulate(unet):
                     with accelerator.autocast():
                         loss = diffusion_loss(unet, noise_scheduler, clean, _step_generator(cfg.seed, micro, rank),
@@ -252,8 +242,8 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
     elapsed = time.perf_counter() - started
 
     # 4. final checkpoint (so --resume latest --max-steps M extends the run), pipeline with EMA weights
-    if not list_checkpoints(output_dir) or list_checkpoints(output_dir)[-1].name != f"{CHECKPOINT_PREFIX}{state.step}":
-        checkpoint()
+    if last_checkpoint is None or last_checkpoint.name != f"{CHECKPOINT_PREFIX}{state.step}":
+        checkpoint()  # also replaces a checkpoint-{step} that --resume latest skipped as corrupt
     checksums = accelerator.gather(torch.tensor([_weights_checksum(accelerator.unwrap_model(unet))],
                                                 dtype=torch.float64, device=accelerator.device)).tolist()
     summary = {"recipe": recipe.name, "steps": state.step, "images_seen": state.images_seen,
@@ -299,31 +289,29 @@ class _SigintFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+@contextlib.contextmanager
+def _output_lock(accelerator: Accelerator, output_dir: Path):
+    """The main process holds `output_dir/.lock` until the run ends (normally, on an error or on Ctrl-C); when it
+    is refused, every process stops."""
+    lock, refused = OutputLock(output_dir, log=accelerator.print), None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except OutputLocked as e:
+            refused = e
+    if _any_process(accelerator, refused is not None):
+        raise refused or OutputLocked(f"{output_dir}: the main process could not lock the folder (see its message)")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:
     """True on every process when `flag` is set on any (all ranks stop at the same step)."""
     if accelerator.num_processes == 1:
         return flag
     return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int | None) -> Path:
-    """Write `checkpoint-{step}` atomically: save into a temporary folder, then rename (one syscall)."""
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep:
-            for old in list_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def _sample_grid(accelerator, unet, ema, noise_scheduler, recipe: Recipe, output_dir: Path, step: int) -> None:

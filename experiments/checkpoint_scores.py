@@ -4,8 +4,8 @@ peak before sample quality does), on the DEV split (train-split canvases, data s
     python experiments/checkpoint_scores.py --run runs/fashion-seg --steps 300 900 1800 3300 \
         --out docs/segmentation/checkpoints_dev.json
 
-Each checkpoint's EMA weights (accelerate's custom_checkpoint_1.pkl, read with weights_only=True) are copied into
-the run's final UNet architecture; the readout is the `tuned` preset fitted on the 20 labelled canvases.
+Each checkpoint's EMA weights (`ema.safetensors`, by parameter name) are copied into the run's final UNet
+architecture; the readout is the `tuned` preset fitted on the 20 labelled canvases.
 """
 
 from __future__ import annotations
@@ -17,21 +17,19 @@ from pathlib import Path
 
 import torch
 
+from diffseg_hf.checkpoints import load_ema_weights
 from diffseg_hf.pipeline import load_model_and_scheduler
 from diffseg_hf.readout import ReadoutConfig
 from diffseg_hf.recipe import SEGMENT_PRESETS
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
 from diffseg_hf.segmentation import fit_segmenter, SegSource, load_segmentation_data
 
-EMA_FILE = "custom_checkpoint_1.pkl"  # registration order in training.train: lr scheduler, EMA, progress
-
-
 def ema_unet(run: Path, step: int):
     unet, scheduler = load_model_and_scheduler(run)
-    state = torch.load(run / f"checkpoint-{step}" / EMA_FILE, weights_only=True)
+    shadow = load_ema_weights(run / f"checkpoint-{step}")
     with torch.no_grad():
-        for p, s in zip(unet.parameters(), state["shadow_params"]):
-            p.copy_(s)
+        for name, p in unet.named_parameters():
+            p.copy_(shadow[name])
     return unet.eval(), scheduler
 
 

@@ -18,7 +18,8 @@ README = ROOT / "README.md"
 # Low -> high. A module may import modules of its own layer or of a lower one, never of a higher one.
 # Entries are dotted names below diffseg_hf, fnmatch patterns allowed; a package name means its __init__.py.
 LAYERS: list[tuple[str, ...]] = [
-    ("", "errors", "registries", "remote", "remote.*"),  # leaves: registries holds names, remote/ ships in folders
+    ("", "errors", "registries", "offline", "remote", "remote.*"),  # leaves: registries holds names, remote/ ships
+    # in folders, offline detects a missing network before a Hub call
     ("recipe",),  # the validated config; knows registries by name only (diffseg_hf.registries)
     ("data.readers", "data.transforms"),  # files on disk -> arrays; torchvision-free transforms
     ("data.segmentation",),  # labelled sets (VOC, fashion-seg) built on the readers
@@ -29,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("schedule",),  # noise schedules and samplers
     ("sampling",),  # sample(unet, scheduler): training draws its preview grids with it
     ("build", "pipeline"),  # recipe -> UNet + scheduler; pipeline folders saved and loaded
-    ("training",),
+    ("checkpoints", "training"),  # checkpoint folders (safetensors + JSON + manifest), the output lock; the loop
     ("features",),  # decoder features of a trained UNet
     ("pixel_classifier", "readout*", "supervised"),  # readouts on the features; the supervised baseline
     ("evaluation.segmentation",),  # mIoU: plain metric code the segmenter reports with

