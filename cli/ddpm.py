@@ -70,7 +70,7 @@ def sample_cmd(
 ) -> None:
     """Sample images from a trained DDPM and write a PNG grid plus the raw images."""
     from diffseg_hf.pipeline import load_model_and_scheduler
-    from diffseg_hf.sampling import sample, save_grid, save_samples
+    from diffseg_hf.sampling import grid_caption, sample, save_grid, save_samples
     from diffseg_hf.schedule import sampling_scheduler
 
     unet, train_scheduler = load_model_and_scheduler(model)
@@ -78,7 +78,19 @@ def sample_cmd(
     steps = steps or (50 if scheduler == "ddim" else None)
     images = sample(unet, sampler, num_images=num_images, steps=steps, seed=seed, batch_size=batch_size,
                     progress=True)
-    save_grid(images, out)
-    raw = save_samples(images, out.with_suffix(".npz"), seed=seed, sampler=scheduler,
-                       steps=steps or train_scheduler.config.num_train_timesteps)
+    steps = steps or train_scheduler.config.num_train_timesteps
+    save_grid(images, out, caption=grid_caption(sampler=scheduler, steps=steps, seed=seed, model=model,
+                                                step=_trained_steps(model)))
+    raw = save_samples(images, out.with_suffix(".npz"), seed=seed, sampler=scheduler, steps=steps)
     typer.echo(f"wrote {out} and {raw}")
+
+
+def _trained_steps(model: str) -> int | None:
+    """The training step of a `diffseg train` output folder (its train_summary.json), else None."""
+    import json
+
+    summary = Path(model) / "train_summary.json"
+    try:
+        return int(json.loads(summary.read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -21,7 +21,8 @@ PathOpt = typer.Option(None, "--path", help="local folder for the source (as dat
 HubOpt = typer.Option(None, "--hub-id", help="Hub dataset id for the source (as data.hub_id)")
 FeatureNetOpt = typer.Option(None, "--feature-net", help="a `diffseg fid-net train` folder or 'inception' "
                                                          "(default: $DIFFSEG_FID_NET)")
-CacheOpt = typer.Option(None, "--cache-dir", help="real-feature cache (default: ~/.cache/diffseg/fid)")
+CacheOpt = typer.Option(None, "--cache-dir", help="real-feature cache (default: $DIFFSEG_CACHE/fid, "
+                                                  "$DIFFSEG_CACHE defaulting to ~/.cache/diffseg)")
 SetsOpt = typer.Option(1, "--num-sample-sets", min=1, help="sample sets with seeds seed..seed+K-1; reports "
                                                            "each and the mean (the report averaged 3)")
 SchedulerOpt = typer.Option("ddim", "--scheduler", callback=registry_callback("sampler"),
@@ -37,7 +38,11 @@ def fid_cmd(
                                                               "source has none, e.g. offline mnist, digits)"),
     num_real: Optional[int] = typer.Option(None, "--num-real", min=1, help="real images, a seeded subset of the "
                                            "split (default: min(num-samples, split size))"),
-    feature_net: Optional[str] = FeatureNetOpt,
+    feature_net: Optional[str] = typer.Option(
+        None, "--feature-net", help="a `diffseg fid-net train` folder or 'inception' (default: $DIFFSEG_FID_NET, "
+        "else one trained for --data at the model's size, cached in $DIFFSEG_CACHE/feature-nets and reused)"),
+    fid_net_epochs: int = typer.Option(3, "--fid-net-epochs", min=1, help="epochs of that trained feature net "
+                                                                           "(part of its cache key)"),
     scheduler: str = SchedulerOpt,
     steps: Optional[int] = typer.Option(None, "--steps", help="sampling steps (default: 50 for ddim, all for ddpm)"),
     num_sample_sets: int = SetsOpt,
@@ -46,15 +51,17 @@ def fid_cmd(
     path: Optional[str] = PathOpt,
     hub_id: Optional[str] = HubOpt,
     cache_dir: Optional[Path] = CacheOpt,
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write the metrics, feature network, counts, "
-                                                                  "seeds, sampler and steps here"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the metrics, feature network (name, "
+                                             "folder, test accuracy), counts, seeds, sampler and steps here"),
 ) -> None:
     """FID, KID and k-NN precision/recall of a DDPM's samples in a feature network's space.
 
-    Real images go through the training transform at the model's size; their features are cached.
-    Scores compare only at the same feature network and sample counts.
+    Without --feature-net, the first run trains a feature network for --data at the model's size and caches it;
+    later runs reuse it. Real images go through the training transform at the model's size; their features are
+    cached. Scores compare only at the same feature network and sample counts.
     """
-    from diffseg_hf.evaluation.sample_quality import evaluate_model, open_real_images, resolve_num_real
+    from diffseg_hf.evaluation.sample_quality import FeatureNetSettings, evaluate_model, open_real_images, \
+        resolve_num_real
 
     real = open_real_images(data, split, path=path, hub_id=hub_id)
     n_real = resolve_num_real(num_samples, num_real, len(real), real.split)
@@ -62,8 +69,13 @@ def fid_cmd(
         warnings.filterwarnings("ignore", message="FID from .* rank-deficient")  # noted below instead
         report = evaluate_model(model, real, feature_net, num_samples=num_samples, num_real=n_real,
                                 num_sample_sets=num_sample_sets, seed=seed, sampler=scheduler, steps=steps,
-                                batch_size=batch_size, cache_dir=cache_dir, progress=True)
+                                batch_size=batch_size, cache_dir=cache_dir, progress=True,
+                                feature_settings=FeatureNetSettings(epochs=fid_net_epochs), log=typer.echo)
     typer.echo(report.format())
+    if report.feature_net_path is not None:
+        accuracy = report.feature_test_accuracy
+        typer.echo(f"feature net: {report.feature_net} at {report.feature_net_path}"
+                   + (f", test accuracy {accuracy:.4f}" if accuracy is not None else ""))
     if not report.sets[0].fid_full_rank:
         typer.echo(f"note: {min(report.num_generated, report.num_real)} samples <= {report.sets[0].num_features} "
                    "feature dims: the covariances are rank-deficient and FID is biased upwards; compare only at "

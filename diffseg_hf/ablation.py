@@ -162,8 +162,8 @@ def run_ablation(recipes: Sequence[str], seeds: int | Sequence[int], overrides: 
     if data_source is not None:
         source, path, hub_id = data_source, None, None
     # fail on a bad feature network, data source or sample count before hours of training
-    feature = resolve_feature_net(feature_net, resolution, channels)
     real = open_real_images(source, path=path, hub_id=hub_id)
+    feature = resolve_feature_net(feature_net, resolution, channels, real=real, progress=True, log=log)
     num_real = resolve_num_real(num_samples, num_real, len(real), real.split)
     check_sample_counts(num_real, num_samples)
 

@@ -29,6 +29,7 @@ from .errors import CheckpointError, DiffsegError
 from .export import CLASSIFIER_DIRS, IMAGE_SUFFIXES, TRAINING_STATE, check_pipeline_folder, is_training_state
 from .export import export_segmenter, save_segmentation_pipeline  # noqa: F401  re-exported for older imports
 from .model_card import CARD_MARKER, make_model_card
+from .offline import hub_call, hub_unreachable
 from .remote import REMOTE_DIR, write_remote_code
 
 try:  # the HTTP backend of huggingface_hub 2.x: connection failures are not OSErrors there
@@ -102,8 +103,8 @@ def _check_repo_id(repo_id: str) -> None:
 
 
 @contextlib.contextmanager
-def _hub_errors(repo_id: str, action: str):
-    """huggingface_hub exceptions -> one-line DiffsegErrors."""
+def _hub_errors(repo_id: str, action: str, unreachable: str | None = None):
+    """huggingface_hub exceptions -> one-line DiffsegErrors; `unreachable`: why the Hub probe failed, if it did."""
     try:
         yield
     except GatedRepoError:
@@ -114,7 +115,7 @@ def _hub_errors(repo_id: str, action: str):
     except RevisionNotFoundError:
         raise DiffsegError(f"{repo_id}: no such revision; pass a branch, tag or commit of the repo") from None
     except (OfflineModeIsEnabled, LocalEntryNotFoundError, _TransportError, ConnectionError):
-        reason = "HF_HUB_OFFLINE=1 is set" if _offline() else "no network connection"
+        reason = unreachable or ("HF_HUB_OFFLINE=1 is set" if _offline() else "no network connection")
         cached = " and it is not in the local cache" if action == "download" else ""
         raise DiffsegError(f"cannot {action} {repo_id}: the Hub cannot be reached ({reason}){cached}; "
                            f"{OFFLINE_HINT}") from None
@@ -151,9 +152,9 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     token = token or get_token()
     if not token:
         raise DiffsegError("not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN")
-    if _offline():
-        raise DiffsegError(f"cannot push to {repo_id}: the Hub cannot be reached (HF_HUB_OFFLINE=1 is set); "
-                           f"{OFFLINE_HINT}")
+    unreachable = hub_unreachable()  # one short probe instead of a retried upload
+    if unreachable:
+        raise DiffsegError(f"cannot push to {repo_id}: the Hub cannot be reached ({unreachable}); {OFFLINE_HINT}")
     plan, allow = prepare_upload(folder, card)
     with _hub_errors(repo_id, "push to"):
         api = HfApi(token=token)
@@ -167,7 +168,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
 def pull_from_hub(repo_id: str, to: str | os.PathLike, *, revision: str | None = None) -> Path:
     """Download a Hub repo into folder `to` and check that it is a pipeline folder."""
     _check_repo_id(repo_id)
-    with _hub_errors(repo_id, "download"):
+    with hub_call() as unreachable, _hub_errors(repo_id, "download", unreachable):
         path = Path(snapshot_download(repo_id, revision=revision, local_dir=to))
     if not (path / "model_index.json").is_file():
         raise CheckpointError(f"downloaded {repo_id} into {path}, but it holds no model_index.json: not a diffusers "

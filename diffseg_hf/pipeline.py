@@ -8,6 +8,7 @@ from pathlib import Path
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from .errors import CheckpointError
+from .offline import hub_call
 from .remote import write_remote_code
 from .models import load_unet
 
@@ -39,6 +40,20 @@ def load_model_and_scheduler(path: str | os.PathLike) -> tuple[UNet2DModel, DDPM
     if local and not any((Path(path) / f).is_file() for f in ("model_index.json", "config.json")):
         raise CheckpointError(f"{path}: neither model_index.json (a pipeline) nor config.json (a UNet) found; "
                               "pass the output directory of `diffseg train` or a save_pretrained folder")
+    if local:
+        return _load_model_and_scheduler(path, local)
+    with hub_call() as unreachable:  # one short probe: no retry storm when there is no network
+        try:
+            return _load_model_and_scheduler(path, local)
+        except (CheckpointError, OSError) as e:
+            if unreachable is None:
+                raise
+            raise CheckpointError(f"{path}: the Hub is unreachable ({unreachable}) and this model is not in the local "
+                                  "cache; download it once on a connected machine (it is then cached) or pass a "
+                                  "local folder") from e
+
+
+def _load_model_and_scheduler(path: str, local: bool) -> tuple[UNet2DModel, DDPMScheduler]:
     if _is_pipeline(path, local):
         unet = load_unet(path, subfolder="unet")
         try:

@@ -1,4 +1,4 @@
-"""Ancestral (DDPM) and DDIM sampling, PNG grids and raw sample files."""
+"""Ancestral (DDPM) and DDIM sampling, PNG grids (with a caption strip) and raw sample files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import SchedulerMixin, UNet2DModel
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from .data.transforms import to_uint8
@@ -65,14 +66,62 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -
     return grid
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
-    """Write a PNG grid of uint8 or [-1, 1] float images (N, C, H, W)."""
+CAPTION_KEY = "caption"  # the PNG text chunk that holds a grid's caption, word for word
+_CAPTION_PAD = 2  # pixels around the caption text
+
+
+def grid_caption(*, sampler: str, steps: int, seed: int, model: str | None = None, step: int | None = None) -> str:
+    """"ddim, 50 steps, seed 0", plus " | model runs/x, step 1200" where the model folder or step is known."""
+    where = [part for part in (model and f"model {model}", step is not None and f"step {step}") if part]
+    return f"{sampler}, {steps} steps, seed {seed}" + (f" | {', '.join(where)}" if where else "")
+
+
+def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:
+    """Greedy word wrap to `width` pixels (a word wider than that gets a line of its own, cut at the edge)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def caption_strip(text: str, width: int, mode: str) -> Image.Image:
+    """`text` in PIL's default font, wrapped to `width`, light on black: an image (width, lines * line height)."""
+    font = ImageFont.load_default()
+    line_height = font.getbbox("Ag")[3] + _CAPTION_PAD
+    lines = _wrap(text, ImageDraw.Draw(Image.new(mode, (1, 1))), font, width - 2 * _CAPTION_PAD)
+    strip = Image.new(mode, (width, len(lines) * line_height + 2 * _CAPTION_PAD), 0)
+    draw = ImageDraw.Draw(strip)
+    ink = 230 if mode == "L" else (230, 230, 230)
+    for i, line in enumerate(lines):
+        draw.text((_CAPTION_PAD, _CAPTION_PAD + i * line_height), line, fill=ink, font=font)
+    return strip
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
+              caption: str | None = None) -> Path:
+    """Write a PNG grid of uint8 or [-1, 1] float images (N, C, H, W).
+
+    `caption` (e.g. `grid_caption(...)`) goes in a strip under the grid, whose pixels stay those of
+    `make_grid`, and word for word in the PNG's text chunk CAPTION_KEY.
+    """
     if images.dtype != torch.uint8:
         images = to_uint8(images)
     grid = make_grid(images.cpu(), nrow)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    info = None
+    if caption:
+        strip = caption_strip(caption, image.width, image.mode)
+        captioned = Image.new(image.mode, (image.width, image.height + strip.height))
+        captioned.paste(image, (0, 0))
+        captioned.paste(strip, (0, image.height))
+        image, info = captioned, PngInfo()
+        info.add_text(CAPTION_KEY, caption)
+    image.save(path, pnginfo=info)
     return path
 
 

@@ -43,7 +43,7 @@ from .data import TrainBatches, load_images
 from .errors import DiffsegError
 from .pipeline import save_pipeline
 from .recipe import Recipe
-from .sampling import sample, save_grid
+from .sampling import grid_caption, sample, save_grid
 from .schedule import sampling_scheduler
 
 
@@ -325,7 +325,9 @@ def _sample_grid(accelerator, unet, ema, noise_scheduler, recipe: Recipe, output
                     steps=s.steps, seed=s.seed, batch_size=s.batch_size)
     ema.restore(model.parameters())
     model.train()
-    save_grid(images, output_dir / "samples" / f"step-{step:06d}.png")
+    save_grid(images, output_dir / "samples" / f"step-{step:06d}.png",
+              caption=grid_caption(sampler=s.scheduler, steps=s.steps or noise_scheduler.config.num_train_timesteps,
+                                   seed=s.seed, model=output_dir.name, step=step))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -68,7 +68,9 @@ def test_sample_writes_grid_and_raw_images_reproducibly(tmp_path):
                                      "--scheduler", "ddim", "--steps", "4", "--seed", "5", "--out", str(out)])
         assert result.exit_code == 0, result.output
         paths.append(out)
-    assert Image.open(paths[0]).size == (2 * 18 + 2, 2 * 18 + 2)
+    png = Image.open(paths[0])
+    assert png.width == 2 * 18 + 2 and png.height > 2 * 18 + 2  # the grid plus its caption strip
+    assert png.text["caption"] == f"ddim, 4 steps, seed 5 | model {tmp_path / 'p'}"
     a, b = (np.load(p.with_suffix(".npz")) for p in paths)
     assert a["images"].shape == (3, 1, 16, 16) and np.array_equal(a["images"], b["images"])
     assert str(a["sampler"]) == "ddim" and int(a["steps"]) == 4

