@@ -1,5 +1,10 @@
-"""Shared benchmark plumbing: machine state, timing (warm-up + median), peak memory in a fresh subprocess,
-the matmul ceiling, FLOP counting, target entries, markdown tables and JSON output.
+"""Shared benchmark plumbing: machine state, timing (warm-up + median), ratios with their spread over
+repeats, peak memory in a fresh subprocess, the matmul ceiling, FLOP counting, target entries, markdown tables
+and JSON output.
+
+A target whose value is a ratio of timings carries the spread of that ratio over the interleaved repeats
+(``speedup``); `target` refuses to call it met or missed when the spread (max - min of the per-repeat ratios)
+exceeds the margin between the value and the threshold: met is None, with the reason.
 
 Peak memory: `VmHWM` from /proc/self/status (the high-water RSS of the process's own address space).
 `ru_maxrss` is recorded too but is NOT used: on Linux `execve` carries the parent's high-water mark into the
@@ -38,15 +43,43 @@ def _cpu_times() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def cpu_busy_fraction(interval_s: float = 0.5) -> float | None:
-    """Share of all CPUs busy over ``interval_s`` while this process sleeps (i.e. other processes' load)."""
+def _process_ticks() -> dict[int, tuple[str, int]]:
+    """pid -> (name, utime + stime in clock ticks) of every process readable in /proc."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:  # gone, or not ours to read
+            continue
+        rest = raw[raw.rindex(")") + 2:].split()  # fields from 3 (state) on; utime, stime are fields 14, 15
+        out[int(entry.name)] = (raw[raw.index("(") + 1:raw.rindex(")")], int(rest[11]) + int(rest[12]))
+    return out
+
+
+def other_load(interval_s: float = 0.5, min_share: float = 0.05) -> dict[str, Any]:
+    """What other processes did over ``interval_s`` while this one slept: the busy share of all CPUs and the
+    processes that used at least ``min_share`` of one core (pid, name, share of one core)."""
     try:
         b0, t0 = _cpu_times()
+        p0 = _process_ticks()
         time.sleep(interval_s)
         b1, t1 = _cpu_times()
+        p1 = _process_ticks()
     except OSError:
-        return None
-    return round((b1 - b0) / max(t1 - t0, 1), 3)
+        return {"cpu_busy_fraction": None, "busy_processes": None}
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy = [{"pid": pid, "name": name, "cpu": round((ticks - p0[pid][1]) / hz / interval_s, 2)}
+            for pid, (name, ticks) in p1.items()
+            if pid in p0 and pid != os.getpid() and (ticks - p0[pid][1]) / hz / interval_s >= min_share]
+    return {"cpu_busy_fraction": round((b1 - b0) / max(t1 - t0, 1), 3),
+            "busy_processes": sorted(busy, key=lambda p: -p["cpu"])}
+
+
+def cpu_busy_fraction(interval_s: float = 0.5) -> float | None:
+    """Share of all CPUs busy over ``interval_s`` while this process sleeps (i.e. other processes' load)."""
+    return other_load(interval_s)["cpu_busy_fraction"]
 
 
 def _cpu_model() -> str:
@@ -63,10 +96,12 @@ def machine_state(busy_interval_s: float = 0.5) -> dict[str, Any]:
     """Load from other processes and the software under test, recorded with every result."""
     import diffusers
 
+    others = other_load(busy_interval_s)
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-        "cpu_busy_fraction": cpu_busy_fraction(busy_interval_s),
+        "cpu_busy_fraction": others["cpu_busy_fraction"],
+        "busy_processes": others["busy_processes"],  # others using >= 5% of a core while we slept
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_model": _cpu_model(),
@@ -80,6 +115,14 @@ def machine_state(busy_interval_s: float = 0.5) -> dict[str, Any]:
 
 def load_now() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def load_line(m: dict[str, Any]) -> str:
+    """The machine load of a result in one line (for table headings)."""
+    others = m.get("busy_processes")
+    names = "" if not others else " (" + ", ".join(f"{p['name']} {p['cpu']:.0%}" for p in others[:3]) + ")"
+    return (f"load {m['loadavg_1_5_15']} -> {m.get('loadavg_end')}, busy {m['cpu_busy_fraction']}, "
+            f"{'?' if others is None else len(others)} other busy processes{names}, torch threads {m['torch_threads']}")
 
 
 def log(message: str) -> None:
@@ -105,21 +148,46 @@ def time_it(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> T
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 5,
-                     warmup_fns: dict[str, Callable[[], object]] | None = None) -> dict[str, Timing]:
+                     warmup_fns: dict[str, Callable[[], object]] | None = None,
+                     sync: Callable[[], object] | None = None) -> dict[str, Timing]:
     """Like ``time_it`` for several functions, run round-robin (one call of each per round) so that
     load from other processes drifts over all of them alike and their ratios stay fair.
-    ``warmup_fns`` (same keys) replace ``fns`` in the warm-up rounds, e.g. a shorter run of the same code."""
+    ``warmup_fns`` (same keys) replace ``fns`` in the warm-up rounds, e.g. a shorter run of the same code.
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before the clock starts and before it stops."""
     assert repeats >= 1 and warmup >= 0, f"repeats={repeats}, warmup={warmup}"
+    sync = sync or (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + repeats):
         for name, fn in fns.items():
             if r < warmup:
                 (warmup_fns or fns)[name]()
                 continue
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
+    sync()
     return {name: Timing(statistics.median(ts), [round(t, 5) for t in ts], warmup) for name, ts in times.items()}
+
+
+def spread_of(values: Sequence[float]) -> dict[str, float]:
+    """min, max and (population) std of repeated measurements."""
+    return {"min": float(min(values)), "max": float(max(values)), "std": float(statistics.pstdev(values))}
+
+
+def speedup(fast: Timing, slow: Timing, scale: float = 1.0) -> dict[str, Any]:
+    """How many times faster ``fast`` ran than ``slow`` (``scale`` x slow's time / fast's time; ``scale`` corrects
+    for unequal work per call) from timings taken in the same interleaved rounds: "value" is the ratio of the
+    medians; "min", "max" and "std" are over the per-round ratios (round i of one against round i of the other)."""
+    assert len(fast.times_s) == len(slow.times_s), (len(fast.times_s), len(slow.times_s))
+    per_round = [scale * s / max(f, 1e-12) for f, s in zip(fast.times_s, slow.times_s)]
+    return {"value": scale * slow.median_s / fast.median_s, **spread_of(per_round), "repeats": len(per_round)}
+
+
+def span(ratio: dict[str, Any] | None, digits: int = 3) -> list[float] | None:
+    """[min, max] of a `speedup` (the spread column of a table row)."""
+    return None if ratio is None else [round(ratio["min"], digits), round(ratio["max"], digits)]
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -140,6 +208,16 @@ def peak_rss_mb() -> float:
     if kb is None:
         kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(kb / 1024, 1)
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux: write 5 to /proc/self/clear_refs), so that
+    ``peak_rss_mb`` afterwards is the peak of what follows; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def rss_mb() -> float:
@@ -242,12 +320,45 @@ def profile_ops(fn: Callable[[], object], *, top: int = 10) -> list[dict[str, An
 
 # ------------------------------------------------------------------------------------------- output
 
-def target(name: str, value: float | None, op: str, threshold: float, note: str = "") -> dict[str, Any]:
-    """One target entry: {"name", "value", "target", "met", "note"}; ``op`` is ">=", ">", "<=" or "<"."""
+def _rounded(spread: dict[str, Any] | None) -> dict[str, Any] | None:
+    if spread is None:
+        return None
+    return {k: spread[k] if k == "repeats" else float(f"{spread[k]:.4g}")
+            for k in ("min", "max", "std", "repeats") if k in spread}
+
+
+def target(name: str, value: float | None, op: str, threshold: float, note: str = "",
+           spread: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One target entry: {"name", "value", "target", "met", "note", "spread", "reason"}; ``op`` is ">=", ">", "<="
+    or "<". ``spread`` ({"min", "max", ...} of the value over repeats, e.g. a `speedup`): when max - min exceeds
+    the margin |value - threshold|, the repeats disagree about the verdict, so met is None and "reason" says why.
+    An unmeasured value (None) has met None too."""
     ops = {">=": float.__ge__, ">": float.__gt__, "<=": float.__le__, "<": float.__lt__}
-    met = value is not None and bool(ops[op](float(value), float(threshold)))
+    met, reason = None, "not measured"
+    if value is not None:
+        met, reason = bool(ops[op](float(value), float(threshold))), None
+        width = None if spread is None else spread["max"] - spread["min"]
+        if width is not None and width > abs(float(value) - float(threshold)):
+            met, reason = None, f"unclear (spread {width:.3g} > margin {abs(float(value) - float(threshold)):.3g})"
     shown = None if value is None else float(f"{float(value):.4g}")
-    return {"name": name, "value": shown, "target": f"{op} {threshold:g}", "met": met, "note": note}
+    return {"name": name, "value": shown, "target": f"{op} {threshold:g}", "met": met, "note": note,
+            "spread": _rounded(spread), "reason": reason}
+
+
+def info(name: str, value: float | None, note: str = "", spread: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A row shown with the targets but judged against none (target and met None), e.g. a retired target."""
+    shown = None if value is None else float(f"{float(value):.4g}")
+    return {"name": name, "value": shown, "target": None, "met": None, "note": note, "spread": _rounded(spread),
+            "reason": "info (no target)"}
+
+
+def verdict(t: dict[str, Any]) -> str:
+    """How a target entry reads in a table: yes, NO, info, or the reason it is unclear."""
+    if t["target"] is None:
+        return "info"
+    if t["met"] is None:
+        return t.get("reason") or "unclear"
+    return "yes" if t["met"] else "NO"
 
 
 def _fmt(v: Any) -> str:
@@ -265,8 +376,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 
 
 def targets_table(targets: Sequence[dict[str, Any]]) -> str:
-    rows = [dict(t, met="yes" if t["met"] else "NO") for t in targets]
-    return markdown_table(rows, ["name", "value", "target", "met", "note"])
+    rows = [dict(t, met=verdict(t),
+                 spread=None if not t.get("spread") else f"{t['spread']['min']:.3g}-{t['spread']['max']:.3g}")
+            for t in targets]
+    return markdown_table(rows, ["name", "value", "spread", "target", "met", "note"])
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -313,8 +426,7 @@ def cli(description: str, argv: Sequence[str] | None = None,
 def report(res: dict[str, Any], columns: Sequence[str], json_path: str | os.PathLike | None) -> None:
     """Print the rows and targets as markdown tables; write the JSON when a path is given."""
     m = res["machine"]
-    print(f"\n## {res['benchmark']}  (load {m['loadavg_1_5_15']} -> {m['loadavg_end']}, "
-          f"busy {m['cpu_busy_fraction']}, torch threads {m['torch_threads']})\n")
+    print(f"\n## {res['benchmark']}  ({load_line(m)})\n")
     print(markdown_table(res["rows"], columns))
     if res["targets"]:
         print("\n" + targets_table(res["targets"]))

@@ -1,5 +1,6 @@
 """Feature extraction: one UNet forward over all timesteps of a batch (`FeatureExtractor.extract`) vs one
-forward per timestep (`extract_per_timestep`, the reference's loop); img/s and peak memory.
+forward per timestep (`extract_per_timestep`, the reference's loop); img/s, the speed-up with its spread over the
+interleaved repeats, and peak memory. The speed-up is information, no longer a target (not a user bottleneck).
 
 The model is the segmentation recipe's UNet at random init; rows for several images per call (the
 segmenter's `fit_segmenter` extracts 8 images per call, `Segmenter.predict` 16).
@@ -18,13 +19,15 @@ if __package__ in (None, ""):  # run as `python bench/features.py`
 
 import torch
 
-from bench.common import (cli, log, machine_state, profile_ops, report, result, run_child, target,
+from bench.common import (cli, info, log, machine_state, profile_ops, report, result, run_child, span, speedup,
                           time_interleaved)
 from diffseg_hf.build import build_scheduler, build_unet
 from diffseg_hf.features import FeatureExtractor
 from diffseg_hf.recipe import load_recipe
 
 MODES = {"batched": "extract", "per_timestep": "extract_per_timestep"}
+RETIRED = ("retired target (was >= 1.5x, issue #16): not a user bottleneck (extraction takes seconds to tens of "
+           "seconds per fit, DDPM training tens of minutes)")
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def run(cfg: Config) -> dict:
     machine = machine_state()
     extractor, size = _extractor(cfg.recipe, list(cfg.overrides), list(cfg.timesteps))
     channels = extractor.unet.config.in_channels
-    rows, profiles = [], {}
+    rows, profiles, ratios = [], {}, {}
     with extractor:
         for b in cfg.image_batches:
             x = _images(b, channels, size)
@@ -76,6 +79,7 @@ def run(cfg: Config) -> dict:
             diff = (fns["batched"]().features - fns["per_timestep"]().features).abs().max().item()
             log(f"features: {b} images per call")
             timings = time_interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats)
+            ratios.update({(b, mode): speedup(tm, timings["per_timestep"]) for mode, tm in timings.items()})
             if cfg.profile and b == cfg.target_image_batch:
                 profiles = {f"{mode}/{b}": profile_ops(fn) for mode, fn in fns.items()}
             for mode, tm in timings.items():
@@ -89,21 +93,20 @@ def run(cfg: Config) -> dict:
                     row.update(peak_rss_mb=mem["peak_rss_mb"],
                                work_mb=round(mem["peak_rss_mb"] - mem["rss_after_import_mb"], 1))
                 rows.append(row)
-    img_s = {(r["images_per_call"], r["mode"]): r["img_s"] for r in rows}
     for r in rows:
-        r["speedup"] = round(r["img_s"] / img_s[r["images_per_call"], "per_timestep"], 3)
+        ratio = ratios[r["images_per_call"], r["mode"]]
+        r["speedup"], r["speedup_spread"] = round(ratio["value"], 3), span(ratio)
     b = cfg.target_image_batch
-    others = ", ".join(f"{n} img: {img_s[n, 'batched'] / img_s[n, 'per_timestep']:.2f}x"
-                       for n in cfg.image_batches if n != b)
-    value = img_s[b, "batched"] / img_s[b, "per_timestep"] if (b, "batched") in img_s else None
-    targets = [target("features.batched_vs_per_timestep", value, ">=", 1.5,
-                      f"{b} images per call, {len(cfg.timesteps)} timesteps, D={extractor.feature_dim}"
-                      + (f"; {others}" if others else ""))]
+    others = ", ".join(f"{n} img: {ratios[n, 'batched']['value']:.2f}x" for n in cfg.image_batches if n != b)
+    ratio = ratios.get((b, "batched"), {"value": None})
+    targets = [info("features.batched_vs_per_timestep", ratio["value"],
+                    f"{RETIRED}; {b} images per call, {len(cfg.timesteps)} timesteps, D={extractor.feature_dim}"
+                    + (f"; {others}" if others else ""), spread=ratio if ratio["value"] is not None else None)]
     return result("features", cfg, machine, rows, targets, **({"profile": profiles} if profiles else {}))
 
 
-COLUMNS = ["images_per_call", "mode", "feature_dim", "ms_per_call", "img_s", "speedup", "max_abs_diff",
-           "peak_rss_mb", "work_mb"]
+COLUMNS = ["images_per_call", "mode", "feature_dim", "ms_per_call", "img_s", "speedup", "speedup_spread",
+           "max_abs_diff", "peak_rss_mb", "work_mb"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -10,9 +10,11 @@ features in memory (pixels x D x 4 bytes), measured only where that fits in --re
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,7 +24,7 @@ if __package__ in (None, ""):  # run as `python bench/fit_memory.py`
 import torch
 import torch.nn.functional as F
 
-from bench.common import cli, log, machine_state, peak_rss_mb, report, result, run_child, target
+from bench.common import cli, log, machine_state, peak_rss_mb, report, reset_peak_rss, result, rss_mb, run_child, target
 from diffseg_hf import segmentation
 from diffseg_hf.data.segmentation import SegmentationSet
 from diffseg_hf.features import FeatureExtractor
@@ -77,28 +79,43 @@ def _model(resolution: int, block_out_channels: list[int], norm_num_groups: int)
     return unet.eval(), make_scheduler("linear")
 
 
+@contextlib.contextmanager
+def marking_fit(reset_peak: bool = False) -> Iterator[dict]:
+    """Within it, `fit_segmenter`'s head fit (the MLP ensemble or the conv head) records in the yielded dict, as it
+    starts (features extracted): "peak_before_fit_mb" (VmHWM) and "t_fit_start" (perf_counter); ``reset_peak``
+    then also records "rss_fit_start_mb" and resets the VmHWM, so that a peak read afterwards is the fit's own."""
+    marks: dict = {}
+    saved = segmentation.fit_ensemble, segmentation.fit_conv_head
+
+    def marked(fit):
+        def fit_marked(*args, **kwargs):
+            marks["peak_before_fit_mb"], marks["t_fit_start"] = peak_rss_mb(), time.perf_counter()
+            if reset_peak:
+                marks["rss_fit_start_mb"] = rss_mb()
+                marks["peak_reset"] = reset_peak_rss()
+            return fit(*args, **kwargs)
+        return fit_marked
+
+    segmentation.fit_ensemble, segmentation.fit_conv_head = (marked(f) for f in saved)
+    try:
+        yield marks
+    finally:
+        segmentation.fit_ensemble, segmentation.fit_conv_head = saved
+
+
 def measure_fit(n: int, resolution: int, block_out_channels: list[int], norm_num_groups: int, num_classes: int,
                 num_members: int, max_epochs: int, memory_mb: float | None, image_batch: int | None,
                 seed: int) -> dict:
     """Child: one `fit_segmenter` call; the store's stats, the peak before the ensemble fit and the wall time."""
     unet, scheduler = _model(resolution, block_out_channels, norm_num_groups)
     data = synthetic_segmentation(n, resolution, num_classes, seed)
-    marks = {}
-
-    def instrumented(*args, **kwargs):  # peak of feature extraction + store, before the MLPs train
-        marks["peak_before_fit_mb"], marks["t_fit_start"] = peak_rss_mb(), time.perf_counter()
-        return fit_ensemble(*args, **kwargs)
-
     readout = ReadoutConfig(num_members=num_members, max_epochs=max_epochs, seed=seed,
                             **({"memory_mb": memory_mb} if memory_mb is not None else {}))
-    segmentation.fit_ensemble = instrumented
-    try:
+    with marking_fit() as marks:
         start = time.perf_counter()
         _, stats = segmentation.fit_segmenter(unet, scheduler, data, model_location="random-init", readout=readout,
                                               image_batch=image_batch)
         end = time.perf_counter()
-    finally:
-        segmentation.fit_ensemble = fit_ensemble
     return dict(stats, mode="store", n=n, peak_before_fit_mb=marks["peak_before_fit_mb"],
                 extract_s=round(marks["t_fit_start"] - start, 2), fit_s=round(end - marks["t_fit_start"], 2))
 

@@ -1,7 +1,10 @@
 """Run every benchmark and write their results and targets to bench/results.json.
 
 Layout: {"machine": ..., "quick": bool, "results": [one per benchmark],
-         "targets": [{"name", "value", "target", "met", "note"}]}.
+         "targets": [{"name", "value", "target", "met", "note", "spread", "reason"}], "verdicts": {...}}.
+A ratio target carries its spread over the interleaved repeats; where the spread exceeds the margin between
+the value and the target, met is null and the table says "unclear (spread > margin)". Rows with target null are
+information ("info"). "machine" holds the load (load averages, other busy processes, torch threads) at the start.
 
     python bench/run.py --quick                      # all of them, small repeats (minutes on 2 cores)
     python bench/run.py --only fit_memory features   # a subset
@@ -20,7 +23,8 @@ if __package__ in (None, ""):  # run as `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import ensemble, features, fit_memory, sampling, train_step
-from bench.common import cli, load_now, log, machine_state, markdown_table, targets_table, write_json
+from bench.common import (cli, load_line, load_now, log, machine_state, markdown_table, targets_table, verdict,
+                          write_json)
 
 # name -> module with Config, QUICK, FULL, run(cfg) and COLUMNS; fit_memory first (the segmentation issue needs it)
 BENCHMARKS = {"fit_memory": fit_memory, "train_step": train_step, "sampling": sampling, "features": features,
@@ -53,7 +57,12 @@ def run_all(configs: dict) -> dict:
         log(f"{name}: done in {res['wall_s']} s")
         results.append(res)
         targets += res["targets"]
-    return {"machine": dict(machine, loadavg_end=load_now()), "results": results, "targets": targets}
+    verdicts: dict[str, int] = {}
+    for t in targets:
+        key = verdict(t).split(" (")[0]  # yes / NO / unclear / info / not measured
+        verdicts[key] = verdicts.get(key, 0) + 1
+    return {"machine": dict(machine, loadavg_end=load_now()), "results": results, "targets": targets,
+            "verdicts": verdicts}
 
 
 def print_summary(out: dict) -> None:
@@ -61,14 +70,13 @@ def print_summary(out: dict) -> None:
         if "error" in res:
             print(f"\n## {res['benchmark']}: FAILED ({res['error']})")
             continue
-        m = res["machine"]
-        print(f"\n## {res['benchmark']}  ({res['wall_s']} s; load {m['loadavg_1_5_15']} -> {m['loadavg_end']}, "
-              f"busy {m['cpu_busy_fraction']}, torch threads {m['torch_threads']})\n")
+        print(f"\n## {res['benchmark']}  ({res['wall_s']} s; {load_line(res['machine'])})\n")
         print(markdown_table(res["rows"], BENCHMARKS[res["benchmark"]].COLUMNS))
         for name, ops in res.get("profile", {}).items():
             print(f"\nprofile {name}:\n" + markdown_table(ops, ["op", "self_ms", "calls", "share"]))
-    print("\n## targets\n")
+    print(f"\n## targets  (suite: {load_line(out['machine'])})\n")
     print(targets_table(out["targets"]))
+    print("\n" + ", ".join(f"{k}: {v}" for k, v in out["verdicts"].items()))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,4 +1,5 @@
-"""Sampling: ancestral DDPM over all 1000 training steps vs DDIM with 50 steps, img/s, fp32 and bf16 autocast.
+"""Sampling: ancestral DDPM over all 1000 training steps vs DDIM with 50 steps, img/s, fp32 and bf16 autocast;
+ratios to DDPM fp32 with their spread over the interleaved repeats.
 
 The model is the recipe's UNet at random init (the cost of a step does not depend on the weights). Every
 DDPM step costs the same, so a quick run times a 50-step DDPM schedule and scales it to 1000 steps.
@@ -17,7 +18,7 @@ if __package__ in (None, ""):  # run as `python bench/sampling.py`
 
 import torch
 
-from bench.common import cli, log, machine_state, report, result, time_interleaved
+from bench.common import cli, log, machine_state, report, result, span, speedup, time_interleaved
 from diffseg_hf.build import build_scheduler, build_unet
 from diffseg_hf.recipe import load_recipe
 from diffseg_hf.sampling import sample
@@ -69,13 +70,16 @@ def run(cfg: Config) -> dict:
         rows.append({"sampler": name, "precision": p, "steps": steps, "measured_steps": measured,
                      "ms_per_step": round(tm.median_s / measured * 1e3, 2), "s_per_batch": round(seconds, 2),
                      "img_s": round(cfg.batch_size / seconds, 4), "times_s": tm.times_s})
-    base = next(r["img_s"] for r in rows if (r["sampler"], r["precision"]) == ("ddpm", "fp32"))
-    for r in rows:
-        r["vs_ddpm_fp32"] = round(r["img_s"] / base, 2)
+    per_call = {f"{r['sampler']}/{r['precision']}": r["steps"] / r["measured_steps"] for r in rows}  # time scale
+    for r in rows:  # img/s vs DDPM fp32, from the per-round times of both (interleaved)
+        key = f"{r['sampler']}/{r['precision']}"
+        ratio = speedup(timings[key], timings["ddpm/fp32"], scale=per_call["ddpm/fp32"] / per_call[key])
+        r["vs_ddpm_fp32"], r["vs_ddpm_fp32_spread"] = round(ratio["value"], 2), span(ratio, 2)
     return result("sampling", cfg, machine, rows, [])
 
 
-COLUMNS = ["sampler", "precision", "steps", "measured_steps", "ms_per_step", "s_per_batch", "img_s", "vs_ddpm_fp32"]
+COLUMNS = ["sampler", "precision", "steps", "measured_steps", "ms_per_step", "s_per_batch", "img_s", "vs_ddpm_fp32",
+           "vs_ddpm_fp32_spread"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,6 +1,7 @@
 """Training step: each UNet variant vs the stock `UNet2DModel` of the same configuration, fp32 and bf16
-autocast; img/s, ratios, peak memory, achieved GFLOP/s against the matmul ceiling measured in the same run;
-and whether bf16 reaches the fp32 training loss after the same steps (within the fp32 run-to-run spread).
+autocast; img/s, ratios with their spread over the interleaved repeats, peak memory, achieved GFLOP/s against
+the matmul ceiling measured in the same run; and whether bf16 reaches the fp32 training loss after the same
+steps (within the fp32 run-to-run spread).
 
     python bench/train_step.py [--quick] [--json PATH]
 """
@@ -21,7 +22,7 @@ from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 
 from bench.common import (cli, count_flops, log, machine_state, matmul_ceiling, profile_ops, report, result,
-                          run_child, target, time_interleaved)
+                          run_child, span, speedup, target, time_interleaved)
 from diffseg_hf.build import stock_kwargs
 from diffseg_hf.data import TrainBatches, load_images
 from diffseg_hf.models import DiffsegUNet2DModel, count_parameters
@@ -112,24 +113,51 @@ def variant_specs(cfg: Config) -> tuple[dict[str, tuple[str, dict]], dict]:
 
 # ------------------------------------------------------------------------------------------- steps
 
-def _autocast(precision: str):
+ATTENTION_AT = {"level": "at the same levels as in the recipe (8x8 of 32 px becomes 64x64 of 256 px)",
+                "size": "at the same feature-map sizes as in the recipe (8x8: none above 32 px but the mid block's)"}
+
+
+def at_resolution(recipe: str, overrides: tuple[str, ...], resolution: int,
+                  attention: str = "level") -> tuple[str, ...]:
+    """Recipe overrides for the recipe's layout (channels, levels) at another resolution, with attention placed
+    as ``attention`` (a key of ATTENTION_AT) says."""
+    assert attention in ATTENTION_AT, f"attention={attention!r}; choose from {', '.join(ATTENTION_AT)}"
+    rcp = load_recipe(recipe, overrides)
+    sizes = rcp.model.attention_resolutions
+    if attention == "level":
+        levels = [i for i in range(len(rcp.model.block_out_channels)) if rcp.data.resolution // 2**i in sizes]
+        sizes = tuple(resolution // 2**i for i in levels)
+    return (*overrides, f"data.resolution={resolution}", f"model.attention_resolutions=[{','.join(map(str, sizes))}]")
+
+
+def _autocast(precision: str, device_type: str = "cpu"):
     dtype = DTYPES[precision]
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def make_step(model: torch.nn.Module, precision: str, batch_size: int, seed: int = 0):
-    """One AdamW training step on a fixed random batch (the eps-MSE of `diffusion_loss`)."""
+    """One AdamW training step on a fixed random batch (the eps-MSE of `diffusion_loss`) on the model's device;
+    fp16 scales the loss with a `GradScaler`, as accelerate does. Returns the loss (``.item()``, as the training
+    loop does every step: on CUDA that synchronizes)."""
+    device = model.device
     scheduler = make_scheduler("linear")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     size, channels = model.config.sample_size, model.config.in_channels
     x = torch.rand(batch_size, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    x = x.to(device)  # (B, C, H, W)
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(precision):
+        with _autocast(precision, device.type):
             loss = diffusion_loss(model, scheduler, x, torch.Generator().manual_seed(seed))
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         return loss.item()
 
     return step
@@ -235,44 +263,52 @@ def run(cfg: Config) -> dict:
                                            dict(kind=kind_kw[0], kwargs=kind_kw[1], precision=p,
                                                 batch_size=cfg.batch_size))["peak_rss_mb"]
         rows.append(row)
-    img_s = {(r["variant"], r["precision"]): r["img_s"] for r in rows}
-    stock = img_s.get(("stock", "fp32"))
+    ratios = {k: speedup(tm, timings["stock/fp32"]) for k, tm in timings.items()} if "stock/fp32" in timings else {}
     for r in rows:
-        r["vs_stock_fp32"] = round(r["img_s"] / stock, 3) if stock else None
+        ratio = ratios.get(f"{r['variant']}/{r['precision']}")
+        r["vs_stock_fp32"] = round(ratio["value"], 3) if ratio else None
+        r["vs_stock_fp32_spread"] = span(ratio)
     log(f"train_step: loss check, {cfg.loss_steps} steps x {len(cfg.loss_seeds) + 1} runs")
     loss_rows, loss_target = _loss_check(cfg, specs["resnet"][1], default if default != "fp32" else "bf16")
-    targets = _targets(cfg, rows, img_s, default, specs, match) + [loss_target]
+    targets = _targets(cfg, rows, timings, default, specs, match) + [loss_target]
     return result("train_step", cfg, machine, rows, targets, ceiling_gflops=ceiling, loss_check=loss_rows,
                   convnext_match=match, models={v: kw for v, kw in specs.items()},
                   default_precision=default, **({"profile": profiles} if profiles else {}))
 
 
-def _targets(cfg: Config, rows: list[dict], img_s: dict, default: str, specs: dict, match: dict) -> list[dict]:
+def _targets(cfg: Config, rows: list[dict], timings: dict, default: str, specs: dict, match: dict) -> list[dict]:
+    """The issue's targets; each ratio carries its spread over the interleaved repeats (`speedup`)."""
     share = {(r["variant"], r["precision"]): r["share_of_ceiling"] for r in rows}
-    ratio = lambda a, b: img_s[a] / img_s[b] if a in img_s and b in img_s else None  # noqa: E731
-    out = [target("train_step.baseline_vs_stock_fp32", ratio(("resnet", "fp32"), ("stock", "fp32")), ">=", 1.0,
-                  "equal config, both fp32, interleaved in one process"),
-           target("train_step.baseline_default_precision_vs_stock_fp32",
-                  ratio(("resnet", default), ("stock", "fp32")), ">=", 1.3,
-                  f"{cfg.recipe} train.mixed_precision -> {default}"
-                  + (f" (attention in fp32); share of the bf16 matmul ceiling: baseline {share['resnet', 'bf16']:.0%}, "
-                     f"stock {share.get(('stock', 'bf16'), 0):.0%}" if default == "bf16" else ""))]
-    if default != "bf16" and ("resnet", "bf16") in img_s:
-        out.append(target("train_step.baseline_bf16_vs_stock_fp32", ratio(("resnet", "bf16"), ("stock", "fp32")),
-                          ">=", 1.3, f"bf16 autocast, the candidate default; share of the bf16 matmul ceiling: "
-                          f"baseline {share['resnet', 'bf16']:.0%}, stock {share.get(('stock', 'bf16'), 0):.0%}"))
+
+    def ratio(a: str, b: str) -> dict:  # {"value", "min", "max", ...}, or an empty value when not measured
+        return speedup(timings[a], timings[b]) if a in timings and b in timings else {"value": None}
+
+    def entry(name: str, a: str, b: str, threshold: float, note: str) -> dict:
+        r = ratio(a, b)
+        return target(name, r["value"], ">=", threshold, note, spread=r if r["value"] is not None else None)
+
+    out = [entry("train_step.baseline_vs_stock_fp32", "resnet/fp32", "stock/fp32", 1.0,
+                 "equal config, both fp32, interleaved in one process"),
+           entry("train_step.baseline_default_precision_vs_stock_fp32", f"resnet/{default}", "stock/fp32", 1.3,
+                 f"{cfg.recipe} train.mixed_precision -> {default}"
+                 + (f" (attention in fp32); share of the bf16 matmul ceiling: baseline {share['resnet', 'bf16']:.0%}, "
+                    f"stock {share.get(('stock', 'bf16'), 0):.0%}" if default == "bf16" else ""))]
+    if default != "bf16" and "resnet/bf16" in timings:
+        out.append(entry("train_step.baseline_bf16_vs_stock_fp32", "resnet/bf16", "stock/fp32", 1.3,
+                         f"bf16 autocast, the candidate default; share of the bf16 matmul ceiling: "
+                         f"baseline {share['resnet', 'bf16']:.0%}, stock {share.get(('stock', 'bf16'), 0):.0%}"))
     if "convnext" in specs:
         kw = specs["convnext"][1]
-        bf16 = ratio(("convnext", "bf16"), ("resnet", "bf16"))
-        out.append(target("train_step.convnext_vs_baseline_fp32", ratio(("convnext", "fp32"), ("resnet", "fp32")),
-                          ">=", 0.9, f"ConvNeXt widths {kw['block_out_channels']} expansion "
-                          f"{kw['convnext_expansion']} (params {match['rel_params']:+.1%} vs baseline)"
-                          + (f"; bf16 ratio {bf16:.2f}" if bf16 else "")))
+        bf16 = ratio("convnext/bf16", "resnet/bf16")["value"]
+        out.append(entry("train_step.convnext_vs_baseline_fp32", "convnext/fp32", "resnet/fp32", 0.9,
+                         f"ConvNeXt widths {kw['block_out_channels']} expansion {kw['convnext_expansion']} "
+                         f"(params {match['rel_params']:+.1%} vs baseline)"
+                         + (f"; bf16 ratio {bf16:.2f}" if bf16 else "")))
     return out
 
 
-COLUMNS = ["variant", "precision", "params", "ms_step", "img_s", "vs_stock_fp32", "gflop_step", "achieved_gflops",
-           "share_of_ceiling", "peak_rss_mb"]
+COLUMNS = ["variant", "precision", "params", "ms_step", "img_s", "vs_stock_fp32", "vs_stock_fp32_spread", "gflop_step",
+           "achieved_gflops", "share_of_ceiling", "peak_rss_mb"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,9 +1,11 @@
-"""The benchmark suite (`bench/`): helpers against hand-computed numbers, and every benchmark run in-process
-with a tiny config, checked for the JSON structure `bench/run.py` writes."""
+"""The benchmark suite (`bench/`): helpers against hand-computed numbers, every benchmark run in-process
+with a tiny config, checked for the JSON structure `bench/run.py` writes, and the GPU and cost-curve scripts
+run in their quick modes on CPU."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -14,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repository root
 
-from bench import common, ensemble, features, fit_memory, run, sampling, train_step  # noqa: E402
+from bench import common, cost_curves, ensemble, features, fit_memory, gpu, run, sampling, train_step  # noqa: E402
 from diffseg_hf.build import stock_kwargs  # noqa: E402
 
 TINY = ("model.block_out_channels=[8,16]", "model.attention_resolutions=[16]", "model.norm_num_groups=4",
@@ -34,6 +36,7 @@ TARGET_NAMES = {
     "train_step.convnext_vs_baseline_fp32",
     "train_step.bf16_loss_matches_fp32", "features.batched_vs_per_timestep", "ensemble.vectorized_vs_sequential",
 }
+INFO_NAMES = {"features.batched_vs_per_timestep", "ensemble.vectorized_vs_sequential"}  # retired targets (issue #16)
 
 
 def _allocate(mb: int) -> dict:
@@ -43,9 +46,15 @@ def _allocate(mb: int) -> dict:
 
 
 def _check_target(t: dict) -> None:
-    assert set(t) == {"name", "value", "target", "met", "note"}, t
-    assert isinstance(t["name"], str) and isinstance(t["note"], str) and isinstance(t["met"], bool)
+    assert set(t) == {"name", "value", "target", "met", "note", "spread", "reason"}, t
+    assert isinstance(t["name"], str) and isinstance(t["note"], str) and t["met"] in (True, False, None)
     assert t["value"] is None or isinstance(t["value"], float), t
+    assert t["met"] is not None or isinstance(t["reason"], str), t  # no verdict: say why
+    if t["spread"] is not None:
+        assert t["spread"]["min"] <= t["spread"]["max"] and t["spread"]["std"] >= 0, t
+    if t["target"] is None:  # information only
+        assert t["met"] is None and t["reason"].startswith("info"), t
+        return
     op, threshold = t["target"].split()
     assert op in (">=", ">", "<=", "<") and float(threshold) == float(threshold), t
 
@@ -79,16 +88,69 @@ def test_count_flops_divides_grouped_weight_gradient_by_groups():
 def test_target_entry_and_tables():
     assert common.target("x", 1.5, ">=", 1.5)["met"] is True
     assert common.target("x", 0.11, "<", 0.1)["met"] is False
-    missing = common.target("x", None, ">=", 1.0, "not measured")
-    assert missing == {"name": "x", "value": None, "target": ">= 1", "met": False, "note": "not measured"}
+    missing = common.target("x", None, ">=", 1.0, "no data")
+    assert missing == {"name": "x", "value": None, "target": ">= 1", "met": None, "note": "no data", "spread": None,
+                       "reason": "not measured"}
     table = common.markdown_table([{"a": 1.23456, "b": "z"}, {"a": None}], ["a", "b"])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1.235 | z |", "|  |  |"]
+
+
+def test_a_target_whose_spread_exceeds_its_margin_is_unclear():
+    narrow, wide = {"min": 1.25, "max": 1.45, "std": 0.05}, {"min": 0.95, "max": 1.5, "std": 0.2}
+    met = common.target("x", 1.4, ">=", 1.2, spread=narrow)  # spread 0.2 = margin 0.2: the repeats agree
+    assert met["met"] is True and met["reason"] is None and met["spread"] == narrow
+    missed = common.target("x", 1.0, ">=", 1.3, spread=narrow)  # margin 0.3 > 0.2: clearly missed
+    assert missed["met"] is False
+    unclear = common.target("x", 1.4, ">=", 1.2, spread=wide)
+    assert unclear["met"] is None and unclear["reason"] == "unclear (spread 0.55 > margin 0.2)"
+    retired = common.info("y", 1.1, "not a bottleneck", spread=narrow)
+    assert retired["target"] is None and retired["met"] is None
+    for t in (met, missed, unclear, retired):
+        _check_target(t)
+    assert [common.verdict(t) for t in (met, missed, unclear, retired)] == ["yes", "NO", unclear["reason"], "info"]
+    rows = common.targets_table([met, unclear, retired]).splitlines()[2:]
+    assert "| yes |" in rows[0] and "| unclear (spread 0.55 > margin 0.2) |" in rows[1] and "| info |" in rows[2]
+    assert "| 0.95-1.5 |" in rows[1]  # the spread column
+
+
+def test_speedup_pairs_the_rounds_of_both_arms():
+    fast = common.Timing(1.0, [1.0, 2.0, 1.0], 1)
+    slow = common.Timing(2.0, [2.0, 3.0, 3.0], 1)
+    ratio = common.speedup(fast, slow)
+    assert ratio["value"] == 2.0 and ratio["repeats"] == 3
+    assert (ratio["min"], ratio["max"]) == (1.5, 3.0)  # per round: 2, 1.5, 3
+    assert ratio["std"] == pytest.approx(0.6236, abs=1e-4)
+    assert common.speedup(fast, slow, scale=0.5)["value"] == 1.0  # the fast arm did twice the work per call
+    assert common.span(ratio) == [1.5, 3.0]
+
+
+def test_other_load_names_a_busy_process_but_not_this_one():
+    spin = "import time\nend = time.time() + 5\nwhile time.time() < end: pass"
+    spinner = subprocess.Popen([sys.executable, "-S", "-c", spin])
+    try:
+        time.sleep(0.2)  # past its start-up
+        load = common.other_load(0.3)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    pids = {p["pid"]: p for p in load["busy_processes"]}
+    assert spinner.pid in pids and pids[spinner.pid]["cpu"] > 0.1, load  # a share of a shared core
+    assert common.os.getpid() not in pids and 0.0 <= load["cpu_busy_fraction"] <= 1.0
+
+
+def test_reset_peak_rss_forgets_an_earlier_peak():
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del block
+    before = common.peak_rss_mb()
+    assert common.reset_peak_rss()
+    assert common.peak_rss_mb() < before - 32
 
 
 def test_machine_state_records_load_and_versions():
     m = common.machine_state(busy_interval_s=0.05)
     assert len(m["loadavg_1_5_15"]) == 3 and m["torch_threads"] == torch.get_num_threads()
     assert m["torch"] == torch.__version__ and 0.0 <= m["cpu_busy_fraction"] <= 1.0
+    assert isinstance(m["busy_processes"], list)
 
 
 @pytest.mark.slow
@@ -148,17 +210,26 @@ def test_run_all_tiny_writes_the_results_structure(tmp_path):
     out = run.run_all(TINY_CONFIGS)
     path = common.write_json(tmp_path / "results.json", dict(quick=True, **out))
     saved = json.loads(path.read_text())
-    assert set(saved) == {"quick", "machine", "results", "targets"}
+    assert set(saved) == {"quick", "machine", "results", "targets", "verdicts"}
     assert [r["benchmark"] for r in saved["results"]] == list(TINY_CONFIGS)
     assert not [r["error"] for r in saved["results"] if "error" in r]
     assert {t["name"] for t in saved["targets"]} == TARGET_NAMES
     for t in saved["targets"]:
         _check_target(t)
+        assert (t["target"] is None) == (t["name"] in INFO_NAMES), t
+        if "_vs_" in t["name"]:  # every ratio of timings carries its spread over the repeats
+            assert t["spread"] is not None and t["spread"]["repeats"] == 1, t
+    assert sum(saved["verdicts"].values()) == len(TARGET_NAMES) and saved["verdicts"]["info"] == 2
+    assert isinstance(saved["machine"]["busy_processes"], list)
     for res in saved["results"]:
         assert res["rows"] and "loadavg_end" in res["machine"] and res["wall_s"] >= 0
         for column in run.BENCHMARKS[res["benchmark"]].COLUMNS:
             if column not in ("peak_rss_mb", "work_mb"):  # memory is off in the tiny configs
                 assert all(column in row for row in res["rows"]), (res["benchmark"], column)
+    for res in saved["results"]:
+        for row in res["rows"]:
+            for key in [k for k in row if k.endswith("_spread")]:
+                assert row[key][0] <= row[key][1], (res["benchmark"], key, row[key])
     steps = {(r["variant"], r["precision"]) for r in saved["results"][0]["rows"]}
     assert steps == {(v, p) for v in ("stock", "resnet", "adagn", "convnext") for p in ("fp32", "bf16")}
     ddim = next(r for r in saved["results"][1]["rows"] if (r["sampler"], r["precision"]) == ("ddim", "fp32"))
@@ -215,3 +286,84 @@ def test_quality_budget_tiny_trains_both_arms_for_the_budget_and_scores_them(tmp
     assert "fashion-mnist-cnn16" in res["metric"] and "Inception" not in res["metric"]
     again = quality_budget.run(cfg, tmp_path / "out")  # finished arms are reused, not retrained
     assert [r["steps"] for r in again["rows"]] == [r["steps"] for r in res["rows"]]
+
+
+def test_at_resolution_keeps_attention_at_the_recipes_levels():
+    def attention(resolution, where="level"):
+        overrides = train_step.at_resolution("fashion-cpu", (), resolution, where)
+        return train_step.load_recipe("fashion-cpu", overrides).model.attention_resolutions
+
+    assert attention(32) == (8,) and attention(256) == (64,) and attention(16) == (4,)  # the lowest of 3 levels
+    assert attention(256, "size") == (8,)
+
+
+# ------------------------------------------------------------------------------------------- gpu.py, cost_curves.py
+
+def _check_timed_row(row: dict) -> None:
+    assert row["status"] == "ok", row
+    assert row["ms_step"] > 0 and row["img_s"] > 0 and row["repeats"] >= 1, row
+    assert 0 < row["ms_step_spread"][0] <= row["ms_step"] <= row["ms_step_spread"][1] and row["ms_step_std"] >= 0
+    assert row["vs_stock_fp32"] > 0 and row["vs_stock_fp32_spread"][0] <= row["vs_stock_fp32_spread"][1], row
+    assert row["peak_mem_mb"] is None or row["peak_mem_mb"] >= 0, row
+
+
+def test_gpu_bench_quick_on_cpu_writes_its_table(tmp_path, capsys):
+    gpu.main(["--device", "cpu", "--quick", "--json", str(tmp_path / "gpu.json")])
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert saved["benchmark"] == "gpu" and saved["compile_on"] is False and saved["wall_s"] > 0
+    assert {"name", "torch", "cuda", "cudnn", "device"} <= set(saved["device"]) and saved["device"]["device"] == "cpu"
+    assert {"loadavg_1_5_15", "busy_processes", "torch_threads"} <= set(saved["machine"])
+    rows = {(r["section"], r["variant"], r["precision"]): r for r in saved["rows"]}
+    quick = gpu.QUICK
+    assert {k for k in rows if k[0] == "train"} == {("train", v, p) for v in quick.variants for p in quick.precisions}
+    assert {k[1] for k in rows if k[0] == "sample"} == set(quick.sample_variants)
+    for (name, variant, precision), row in rows.items():
+        if name == "compile":  # no compile on CPU unless asked
+            assert row["status"].startswith("skipped: compile off") and row["compile"] is True
+            continue
+        _check_timed_row(row)
+        assert row["resolution"] == (quick.large_resolution if name == "train-large" else quick.resolution)
+    assert rows["train", "stock", "fp32"]["vs_stock_fp32"] == 1.0
+    assert "| train | resnet | bf16 |" in capsys.readouterr().out
+
+
+def test_gpu_bench_records_a_compile_failure_and_goes_on(monkeypatch):
+    def broken(model, mode):
+        def fail(*args, **kwargs):
+            raise RuntimeError("inductor exploded\nsecond line")
+        model.forward = fail
+        return model
+
+    monkeypatch.setattr(gpu, "_compile", broken)
+    cfg = replace(gpu.QUICK, device="cpu", compile=True, variants=("stock",), precisions=("fp32", "bf16"),
+                  large_variants=(), sample_variants=(), compile_variants=("stock",), compile_precisions=("bf16",))
+    res = gpu.run(cfg)
+    rows = {(r["section"], r["precision"]): r for r in res["rows"]}
+    assert rows["compile", "bf16"]["status"] == "error: RuntimeError: inductor exploded"
+    _check_timed_row(rows["train", "fp32"])
+    _check_timed_row(rows["train", "bf16"])
+    skipped = gpu.run(replace(cfg, minutes=0))  # the time guard: nothing starts
+    assert all(r["status"].startswith("skipped: time guard") for r in skipped["rows"]), skipped["rows"]
+
+
+def test_cost_curves_quick_fits_an_exponent_per_quantity(tmp_path):
+    res = cost_curves.main(["--quick", "--no-isolate", "--json", str(tmp_path / "cc.json"),
+                            "--png", str(tmp_path / "cc.png")])
+    saved = json.loads((tmp_path / "cc.json").read_text())
+    assert saved["benchmark"] == "cost_curves" and (tmp_path / "cc.png").stat().st_size > 0
+    assert [r["resolution"] for r in saved["rows"]] == list(cost_curves.QUICK.resolutions)
+    for row in saved["rows"]:
+        assert set(cost_curves.COLUMNS) <= set(row) and row["pixels"] == row["resolution"] ** 2
+        assert all(row[q] > 0 for q in cost_curves.QUANTITIES if q.endswith("_per_image")), row
+        assert all(row[f"{p}_mb"] is not None for p in cost_curves.PHASES), row
+    assert set(saved["exponents"]) == set(cost_curves.QUANTITIES)
+    times = [saved["exponents"][q] for q in cost_curves.QUANTITIES if q.endswith("_per_image")]
+    assert all(isinstance(e, float) for e in times), saved["exponents"]  # two resolutions: a slope for each
+    assert saved["local_exponents"]["train_s_per_image"] == [saved["exponents"]["train_s_per_image"]]
+    assert res["plot"] == str(tmp_path / "cc.png")
+
+
+def test_growth_exponent_of_a_power_law():
+    pixels = [r * r for r in (32, 64, 128, 256)]
+    assert cost_curves.exponent(pixels, [3e-3 * p**1.5 for p in pixels]) == 1.5
+    assert cost_curves.exponent(pixels, [None, 0.0, 2.0, None]) is None  # one positive point only

@@ -130,7 +130,8 @@ def _parquet_dataset(root, n=3, size=(40, 48), columns=("image", "label")):
             rows[columns[0]].append(Image.fromarray(image))
             rows[columns[1]].append(Image.fromarray(ids, mode="L"))
         features = datasets.Features({c: datasets.Image() for c in columns})
-        datasets.Dataset.from_dict(rows, features=features).to_parquet(root / "data" / f"{split}-00000-of-00001.parquet")
+        target = root / "data" / f"{split}-00000-of-00001.parquet"
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(target)
     return root
 
 
@@ -194,7 +195,8 @@ def test_predict_on_a_folder_keeps_sizes_and_subfolders_and_skips_non_images(tmp
     (src / "notes.txt").write_text("not an image")
     result = predict_files(grey_classifier, [str(src)], tmp_path / "out")
     assert result["skipped"] == [src / "notes.txt"] and result["num_images"] == 2
-    wide, small = Image.open(tmp_path / "out" / "wide_mask.png"), Image.open(tmp_path / "out" / "sub" / "small_mask.png")
+    wide = Image.open(tmp_path / "out" / "wide_mask.png")
+    small = Image.open(tmp_path / "out" / "sub" / "small_mask.png")
     assert wide.size == (80, 50) and small.size == (33, 33)
     assert Image.open(tmp_path / "out" / "wide_overlay.png").size == (80, 50)
     # the mask is the segmenter's prediction at the DDPM's scale (aspect kept), upsampled to the image's size
