@@ -367,3 +367,25 @@ def test_growth_exponent_of_a_power_law():
     pixels = [r * r for r in (32, 64, 128, 256)]
     assert cost_curves.exponent(pixels, [3e-3 * p**1.5 for p in pixels]) == 1.5
     assert cost_curves.exponent(pixels, [None, 0.0, 2.0, None]) is None  # one positive point only
+
+
+def test_quality_budget_fixed_steps_arm_ignores_the_clock(tmp_path):
+    """`--arms stock-gn8 --max-steps N`: exactly N steps, no wall-clock stop, and no ours/stock target."""
+    from bench import quality_budget
+    from diffseg_hf.evaluation.feature_net import FeatureNet, save_feature_net
+    from diffseg_hf.recipe import load_recipe
+
+    stock, gn8 = load_recipe("fashion-stock").to_dict(), load_recipe("fashion-stock-gn8").to_dict()
+    assert gn8["model"].pop("norm_num_groups") == 8 and stock["model"].pop("norm_num_groups") == 32
+    same = lambda d: {k: v for k, v in d.items() if k not in ("description", "name")}  # noqa: E731
+    assert same(gn8) == same(stock)  # the only change is the groups
+    torch.manual_seed(0)
+    net_dir = save_feature_net(tmp_path / "net", FeatureNet(32, 1, 10, num_features=16, widths=(8, 16),
+                                                            dataset_name="fashion-mnist"))
+    cfg = replace(quality_budget.QUICK, minutes=0.001, num_samples=12, num_real=24, steps=2, probe_steps=4,
+                  grid_images=4, feature_net=str(net_dir), overrides=TINY + ("data.max_images=256",),
+                  arms=("stock-gn8",), max_steps=3)
+    res = quality_budget.run(cfg, tmp_path / "out")
+    (row,) = res["rows"]
+    assert row["arm"] == "stock-gn8" and row["steps"] == 3 and row["stopped_by"] == "max_steps"
+    assert res["targets"] == []
