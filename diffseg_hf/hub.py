@@ -11,6 +11,7 @@ import contextlib
 import fnmatch
 import glob
 import os
+import shutil
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +170,11 @@ def pull_from_hub(repo_id: str, to: str | os.PathLike, *, revision: str | None =
     """Download a Hub repo into folder `to` and check that it is a pipeline folder."""
     _check_repo_id(repo_id)
     with hub_call() as unreachable, _hub_errors(repo_id, "download", unreachable):
-        path = Path(snapshot_download(repo_id, revision=revision, local_dir=to))
+        if unreachable:  # offline, snapshot_download(local_dir=...) never reads the cache: copy the cached snapshot
+            path = Path(to)
+            shutil.copytree(snapshot_download(repo_id, revision=revision), path, dirs_exist_ok=True)
+        else:
+            path = Path(snapshot_download(repo_id, revision=revision, local_dir=to))
     if not (path / "model_index.json").is_file():
         raise CheckpointError(f"downloaded {repo_id} into {path}, but it holds no model_index.json: not a diffusers "
                               "pipeline")

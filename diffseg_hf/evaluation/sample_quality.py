@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..data import decode_dataset, load_images
+from ..data.readers import FASHION_MNIST_ENV, fashion_mnist_dir
 from ..errors import CheckpointError, DataError, DiffsegError
 from .feature_net import FeatureNet, TorchmetricsFeature, get_feature_extractor, load_feature_net, save_feature_net, \
     train_feature_net
@@ -82,6 +83,8 @@ class RealImages:
     def key(self) -> str:
         """The data part of the real-feature cache key."""
         where = self.hub_id or (str(Path(self.path).expanduser().resolve()) if self.path else None)
+        if where is None and self.source in ("fashion-mnist", "fashion-seg") and os.environ.get(FASHION_MNIST_ENV):
+            where = str(fashion_mnist_dir())  # the default folder moved: another dataset
         return f"{self.source}+{where}" if where else self.source
 
     def subset_indices(self, num_images: int) -> list[int]:
