@@ -282,3 +282,31 @@ def test_imagefolder_of_several_folders_is_one_train_split(tmp_path, own_folder)
     assert len(ds) == 3 + 4 and ds.column_names == ["image"]
     with pytest.raises(DataError, match="imagefolder: folder .*nowhere not found"):
         load_images(f"imagefolder:{tmp_path / 'unlabeled'},{tmp_path / 'nowhere'}")
+
+
+def test_cvat_voc_export_with_labelmap_and_colour_masks(tmp_path):
+    """A CVAT / Datumaro "Segmentation mask" export: labelmap.txt names the classes and their colours, masks may
+    be RGB paintings in those colours, images keep their extension, the split list is Segmentation/default.txt."""
+    from diffseg_hf.data.segmentation import load_voc_segmentation
+
+    root = tmp_path / "export"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    (root / "labelmap.txt").write_text("# label:color_rgb:parts:actions\nbackground:0,0,0::\nroad:128,64,128::\n"
+                                       "car:0,0,142::\n")
+    colours = np.array([[0, 0, 0], [128, 64, 128], [0, 0, 142]], np.uint8)
+    ids = np.zeros((40, 48), np.uint8)
+    ids[20:, :] = 1
+    ids[5:15, 10:30] = 2
+    Image.fromarray(colours[ids]).save(root / "SegmentationClass" / "frame_000.png")  # an RGB colour mask
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(root / "JPEGImages" / "frame_000.png")
+    (root / "ImageSets" / "Segmentation" / "default.txt").write_text("frame_000\n")
+    data = load_voc_segmentation(root, "default", 32)
+    assert data.class_names == ("background", "road", "car")
+    expected = np.asarray(Image.fromarray(ids).resize((38, 32), Image.NEAREST))[:, 3:35]  # shorter side, crop
+    assert np.array_equal(data.masks[0].numpy(), expected)
+    bad = colours[ids].copy()
+    bad[0, 0] = (1, 2, 3)
+    Image.fromarray(bad).save(root / "SegmentationClass" / "frame_000.png")
+    with pytest.raises(DataError, match=r"has colour \(1, 2, 3\), which labelmap.txt does not list"):
+        load_voc_segmentation(root, "default", 32)

@@ -175,26 +175,78 @@ def _stack_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], class_names: tuple[
     return SegmentationSet(images, masks, class_names)
 
 
+def read_labelmap(voc: Path) -> tuple[tuple[str, ...], dict[tuple[int, int, int], int]] | None:
+    """CVAT / Datumaro `labelmap.txt` beside a VOC-layout export (`# label:color_rgb:parts:actions`, one line per
+    class in id order): (class names, colour -> id); None when there is none."""
+    file = next((f for f in (voc / "labelmap.txt", voc.parent / "labelmap.txt") if f.is_file()), None)
+    if file is None:
+        return None
+    names, colours = [], {}
+    for line in file.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, _, rest = line.partition(":")
+        rgb = rest.partition(":")[0]
+        try:
+            colour = tuple(int(v) for v in rgb.split(","))
+        except ValueError:
+            raise DataError(f"{file}: bad colour {rgb!r} for {name!r}; lines read name:r,g,b::") from None
+        if len(colour) != 3:
+            raise DataError(f"{file}: bad colour {rgb!r} for {name!r}; lines read name:r,g,b::")
+        colours[colour] = len(names)
+        names.append(name.strip())
+    if len(names) < 2:
+        raise DataError(f"{file}: need at least 2 classes (line i = class id i), got {names}")
+    return tuple(names), colours
+
+
+def _colour_mask_to_ids(mask: Image.Image, colours: dict[tuple[int, int, int], int], name: str) -> Image.Image:
+    """An RGB mask painted with the labelmap's colours -> an 'L' image of class ids (unknown colours: an error)."""
+    rgb = np.asarray(mask.convert("RGB"), dtype=np.int64)  # (H, W, 3)
+    codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    ids = np.full(codes.shape, IGNORE_INDEX, dtype=np.uint8)
+    for (r, g, b), i in colours.items():
+        ids[codes == (r << 16 | g << 8 | b)] = i
+    unknown = codes[(ids == IGNORE_INDEX)]
+    unknown = unknown[unknown != (224 << 16 | 224 << 8 | 192)]  # the VOC border colour stays ignore
+    if unknown.size:
+        c = int(unknown[0])
+        raise DataError(f"mask '{name}' has colour {(c >> 16, c >> 8 & 255, c & 255)}, which labelmap.txt does not "
+                        "list; add it there (name:r,g,b::) or repaint the mask")
+    return Image.fromarray(ids, mode="L")
+
+
 def load_voc_segmentation(
     root: str | Path, split: str = "train", resolution: int = 32, limit: int | None = None
 ) -> SegmentationSet:
-    """Read a local VOC 2012 segmentation split (train, val or trainval; the first `limit` ids when given).
-    `root` is the VOCdevkit folder, the VOC2012 folder or its parent."""
-    if split not in VOC_SPLITS:
-        raise DataError(f"unknown VOC split '{split}'; choose from {', '.join(VOC_SPLITS)}")
+    """Read a local VOC-layout segmentation split (VOC 2012's train, val or trainval, or any split a list file
+    `ImageSets/Segmentation/{split}.txt` names, e.g. CVAT's `default`; the first `limit` ids when given).
+    `root` is the VOCdevkit folder, the VOC2012 folder or its parent. Classes: VOC 2012's 21, or a CVAT /
+    Datumaro export's `labelmap.txt` (whose colours also decode RGB masks)."""
     if limit is not None and limit < 1:
         raise DataError(f"limit={limit} must be >= 1 (or None for the whole split)")
-    voc = resolve_voc_root(root, split)
-    ids = voc_image_ids(voc, split)[:limit]
+    try:
+        voc = resolve_voc_root(root, split)
+    except DataError as e:
+        if split not in VOC_SPLITS and "VOC 2012 not found" not in str(e):  # the folder is there, the list is not
+            raise DataError(f"unknown VOC split '{split}'; choose from {', '.join(VOC_SPLITS)} (or a split listed "
+                            "as ImageSets/Segmentation/SPLIT.txt)") from None
+        raise
+    labelmap = read_labelmap(voc)
+    class_names, colours = labelmap if labelmap else (VOC_CLASSES, None)
     pairs = []
-    for item in ids:
-        image_path, mask_path = voc / "JPEGImages" / f"{item}.jpg", voc / "SegmentationClass" / f"{item}.png"
+    for item in voc_image_ids(voc, split)[:limit]:
+        found = [p for p in (voc / "JPEGImages" / f"{item}{s}" for s in IMAGE_SUFFIXES) if p.is_file()]
+        image_path = found[0] if found else voc / "JPEGImages" / f"{item}.jpg"
+        mask_path = voc / "SegmentationClass" / f"{item}.png"
         for path in (image_path, mask_path):
             if not path.is_file():
                 raise DataError(f"missing file '{path}' (listed in {split}.txt): expected the layout {VOC_LAYOUT}")
         with Image.open(image_path) as image, Image.open(mask_path) as mask:
-            pairs.append(_image_mask_pair(image, mask, resolution, str(mask_path), len(VOC_CLASSES)))
-    return _stack_pairs(pairs, VOC_CLASSES)
+            if colours is not None and mask.mode in ("RGB", "RGBA"):
+                mask = _colour_mask_to_ids(mask, colours, str(mask_path))
+            pairs.append(_image_mask_pair(image, mask, resolution, str(mask_path), len(class_names)))
+    return _stack_pairs(pairs, class_names)
 
 
 def load_hub_segmentation(
