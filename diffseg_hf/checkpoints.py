@@ -229,8 +229,12 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], saved: dict, optimizer: t
     """safetensors + JSON -> an optimizer state_dict; JSON lists go back to tuples where the optimizer has them
     (AdamW's betas)."""
     state = {int(i): dict(scalars) for i, scalars in saved["scalars"].items()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's index order
     for name, tensor in tensors.items():
         i, key = name.split(".", 1)
+        param = params[int(i)] if int(i) < len(params) else None
+        if param is not None and tensor.shape == param.shape:  # keep the parameter's memory format (channels_last):
+            tensor = torch.empty_like(param, dtype=tensor.dtype).copy_(tensor)  # fused AdamW reads both as flat
         state.setdefault(int(i), {})[key] = tensor
     current = optimizer.state_dict()["param_groups"]
     if len(current) != len(saved["param_groups"]):

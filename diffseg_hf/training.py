@@ -159,8 +159,10 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
                    inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power, model_cls=type(unet), model_config=unet.config)
 
     # 2. optimisation
+    if cfg.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=cfg.fused_optimizer or None)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                  num_training_steps=horizon)
     unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -199,6 +201,8 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
                 break
             for _ in range(accum):
                 clean = next(stream).to(accelerator.device)
+                if cfg.channels_last:
+                    clean = clean.contiguous(memory_format=torch.channels_last)
                 _seed_global_rng(cfg.seed, micro, rank)
                 with accelerator.accumulate(unet):
                     with accelerator.autocast():
