@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,8 +33,8 @@ from .remote.pipeline_diffseg_segmentation import FeatureProtocol
 from .remote.pixel_ensemble import ConvReadoutModel
 from .supervised import random_shift
 
-__all__ = ["READOUT_HEADS", "ReadoutConfig", "CONV_ARCHITECTURE", "soft_dice_loss", "fit_conv_head", "save_head",
-           "load_head"]
+__all__ = ["READOUT_HEADS", "ReadoutConfig", "CONV_ARCHITECTURE", "soft_dice_loss", "fit_conv_head", "pseudo_labels",
+           "self_train_conv_head", "save_head", "load_head"]
 
 # ------------------------------------------------------------------------------------------ the conv head
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -50,11 +51,12 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
 
 def fit_conv_head(features: torch.Tensor, masks: torch.Tensor, *, num_classes: int, protocol: FeatureProtocol,
                   options: ReadoutConfig, mirrored: torch.Tensor | None = None, ignore_index: int = 255,
-                  progress: bool = False) -> ConvReadoutModel:
+                  sample_weights: torch.Tensor | None = None, progress: bool = False) -> ConvReadoutModel:
     """Fit a `ConvReadoutModel` on full feature maps (N, D, H, W) (float16 is fine) and masks (N, H, W).
 
     ``mirrored``: features of the mirrored images; each sampled image is then taken mirrored (with its mask)
     with probability 1/2; ``options.conv_max_shift`` adds random translations (uncovered labels become ignore).
+    ``sample_weights`` (N,): images are drawn with these relative probabilities (default: uniformly).
     Standardisation statistics come from the labelled pixels of ``features`` only.
     AdamW with a 5% warm-up and cosine decay over ``options.conv_steps`` steps."""
     n, d = features.shape[:2]
@@ -81,7 +83,10 @@ def fit_conv_head(features: torch.Tensor, masks: torch.Tensor, *, num_classes: i
         iterator = tqdm(iterator, desc="conv head", unit="step")
     model.train()
     for _ in iterator:
-        idx = torch.randint(0, n, (min(options.conv_batch_size, n),), generator=generator)
+        if sample_weights is None:
+            idx = torch.randint(0, n, (min(options.conv_batch_size, n),), generator=generator)
+        else:
+            idx = torch.multinomial(sample_weights, options.conv_batch_size, replacement=True, generator=generator)
         x, y = features[idx].float(), masks[idx]  # (B, D, H, W), (B, H, W)
         if mirrored is not None:
             flip = torch.rand(len(idx), generator=generator) < 0.5  # (B,)
@@ -97,6 +102,54 @@ def fit_conv_head(features: torch.Tensor, masks: torch.Tensor, *, num_classes: i
         optimizer.step()
         schedule.step()
     return model.eval()
+
+
+@torch.no_grad()
+def pseudo_labels(head: ConvReadoutModel, features: torch.Tensor, threshold: float,
+                  mirrored: torch.Tensor | None = None, ignore_index: int = 255, chunk: int = 64) -> torch.Tensor:
+    """Hard pseudo-labels (U, H, W) int64 of feature maps (U, D, H, W): the argmax of the head's softmax (averaged
+    with the mirrored view's, flipped back, when ``mirrored`` is given); pixels whose top probability is below
+    ``threshold`` get ``ignore_index``."""
+    head.eval()
+    out = torch.empty(features.shape[0], *features.shape[-2:], dtype=torch.long)
+    for i in range(0, len(features), chunk):
+        probs = head(features[i:i + chunk].float()).softmax(1)  # (g, C, H, W)
+        if mirrored is not None:
+            probs = (probs + head(mirrored[i:i + chunk].float()).softmax(1).flip(-1)) / 2
+        top, labels = probs.max(1)
+        out[i:i + chunk] = labels.masked_fill(top < threshold, ignore_index)
+    return out
+
+
+def self_train_conv_head(features: torch.Tensor, masks: torch.Tensor, unlabeled: torch.Tensor, *, num_classes: int,
+                         protocol: FeatureProtocol, options: ReadoutConfig, mirrored: torch.Tensor | None = None,
+                         unlabeled_mirrored: torch.Tensor | None = None, ignore_index: int = 255,
+                         progress: bool = False) -> ConvReadoutModel:
+    """Self-training (pseudo-labelling, Lee 2013; DreamTeacher's distillation on unlabelled images): fit the conv
+    head on the labelled maps, then ``options.self_train_rounds`` times label the unlabelled maps (U, D, H, W)
+    with the current head (`pseudo_labels`, confident pixels only) and refit a fresh head for
+    ``options.self_train_steps`` steps on labelled + pseudo-labelled maps, a ``options.pseudo_share`` share of
+    each batch's draws being labelled images. The labelled masks are never replaced by pseudo-labels."""
+    head = fit_conv_head(features, masks, num_classes=num_classes, protocol=protocol, options=options,
+                         mirrored=mirrored, ignore_index=ignore_index, progress=progress)
+    if options.self_train_rounds == 0:
+        return head
+    if len(unlabeled) == 0:
+        raise DataError("self-training needs unlabelled images (segment.unlabeled, segment.num_unlabeled); got none")
+    if (mirrored is None) != (unlabeled_mirrored is None):
+        raise ValueError("pass mirrored views of both the labelled and the unlabelled maps, or of neither")
+    n, u = len(features), len(unlabeled)
+    both = torch.cat([features, unlabeled])  # (N + U, D, H, W)
+    both_mirrored = None if mirrored is None else torch.cat([mirrored, unlabeled_mirrored])
+    share = options.pseudo_share
+    weights = torch.cat([torch.full((n,), share / n), torch.full((u,), (1 - share) / u)])  # (N + U,)
+    refit = replace(options, conv_steps=options.self_train_steps)
+    for _ in range(options.self_train_rounds):
+        pseudo = pseudo_labels(head, unlabeled, options.pseudo_threshold, unlabeled_mirrored, ignore_index)
+        head = fit_conv_head(both, torch.cat([masks.long(), pseudo]), num_classes=num_classes, protocol=protocol,
+                             options=refit, mirrored=both_mirrored, ignore_index=ignore_index,
+                             sample_weights=weights, progress=progress)
+    return head
 
 
 # ------------------------------------------------------------------------------------------ save / load

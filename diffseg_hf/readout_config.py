@@ -40,15 +40,29 @@ class ReadoutConfig:
     conv_dropout: float = 0.1  # channel dropout on the input features
     conv_max_shift: int = 0  # random translations of the feature maps (and masks) by up to this many pixels
     dice_weight: float = 1.0  # loss = cross-entropy + dice_weight * soft Dice
+    # self-training (conv head): pseudo-labels on unlabelled images, then a refit on labelled + pseudo-labelled
+    self_train_rounds: int = 0  # 0: the labelled images only
+    pseudo_threshold: float = 0.7  # pixels whose top softmax probability is below this stay unlabelled (ignore)
+    pseudo_share: float = 0.5  # share of each refit's sampled images that are labelled ones (the rest pseudo)
+    self_train_steps: int = 1500  # conv-head steps of each refit
 
     def __post_init__(self) -> None:
         if self.head not in READOUT_HEADS:
             raise ValueError(f"unknown readout head {self.head!r}; choose from {', '.join(READOUT_HEADS)}")
         if self.vote not in VOTES:
             raise ValueError(f"unknown vote {self.vote!r}; choose from {', '.join(VOTES)}")
-        for name in ("num_members", "batch_size", "max_epochs", "conv_width", "conv_steps", "conv_batch_size"):
+        for name in ("num_members", "batch_size", "max_epochs", "conv_width", "conv_steps", "conv_batch_size",
+                     "self_train_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"readout {name}={getattr(self, name)} must be >= 1")
+        if self.self_train_rounds < 0:
+            raise ValueError(f"readout self_train_rounds={self.self_train_rounds} must be >= 0")
+        if self.self_train_rounds and self.head != "conv":
+            raise ValueError(f"self-training (self_train_rounds={self.self_train_rounds}) needs head=conv, not "
+                             f"{self.head!r}; set head=conv or self_train_rounds=0")
+        for name in ("pseudo_threshold", "pseudo_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"readout {name}={getattr(self, name)} must be in [0, 1]")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ReadoutConfig:

@@ -200,6 +200,15 @@ class SegmentConfig:
     conv_dropout: float = 0.1
     conv_max_shift: int = 0
     dice_weight: float = 1.0
+    # self-training (conv head): pseudo-labels on unlabelled images (diffseg_hf.readout.self_train_conv_head)
+    self_train_rounds: int = 0
+    pseudo_threshold: float = 0.7
+    pseudo_share: float = 0.5
+    self_train_steps: int = 1500
+    # the unlabelled images: an image source as data.source takes (null: the recipe's data section, i.e. the
+    # DDPM's own training images), its first num_unlabeled images; their masks, if any, are never read
+    unlabeled: str | None = field(default=None, metadata={"registry": "data source"})
+    num_unlabeled: int = 0
     seed: int = 0  # classifier initialisation and shuffling
     # supervised baseline (a U-Net from scratch on the same labelled images)
     baseline_steps: int = 1000  # tuned on fashion-seg's dev split: 1000 > 2000 > 4000 steps at 20 labels
@@ -229,7 +238,8 @@ class SegmentConfig:
         """The keys of `diffseg_hf.readout.ReadoutConfig` (head and fit options), as a dict."""
         names = ("head", "vote", "standardize", "seed", "num_members", "batch_size", "lr", "max_epochs", "patience",
                  "min_epochs", "memory_mb", "conv_width", "conv_steps", "conv_lr", "conv_batch_size", "conv_dropout",
-                 "conv_max_shift", "dice_weight")
+                 "conv_max_shift", "dice_weight", "self_train_rounds", "pseudo_threshold", "pseudo_share",
+                 "self_train_steps")
         return {name: getattr(self, name) for name in names}
 
 

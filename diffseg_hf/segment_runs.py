@@ -100,7 +100,8 @@ def fit_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.Path
     started = time.perf_counter()
     location = str(Path(model).resolve()) if os.path.isdir(model) else model
     segmenter, stats = fit_segmenter(unet, scheduler, train, model_location=location, protocol=seg.protocol,
-                                     readout=readout_config(seg), progress=progress)
+                                     readout=readout_config(seg), unlabeled=unlabeled_images(recipe, unet),
+                                     progress=progress)
     fit_seconds = time.perf_counter() - started
     segmenter.config["dataset"] = {**seg_source(seg).to_dict(), "train_split": seg.train_split,
                                    "test_split": seg.test_split, "num_test": seg.num_test}
@@ -118,6 +119,23 @@ def fit_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.Path
         summary["baseline_fit_seconds"] = round(time.perf_counter() - started, 2)
     (output_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def unlabeled_images(recipe: Recipe, unet) -> torch.Tensor | None:
+    """The first segment.num_unlabeled images of segment.unlabeled (default: the recipe's data section, the DDPM's
+    own training images) as uint8 (U, C, H, W) at the DDPM's size, when the readout self-trains; else None."""
+    seg = _segment_section(recipe)
+    if not seg.self_train_rounds or seg.num_unlabeled <= 0:
+        return None
+    from .data.batches import decode_dataset
+    from .data.sources import load_images
+
+    own = seg.unlabeled is None
+    source = recipe.data.source if own else seg.unlabeled
+    images = load_images(source, split=recipe.data.split if own else "train", path=recipe.data.path if own else None,
+                         hub_id=recipe.data.hub_id if own else None)
+    images = images.select(range(min(seg.num_unlabeled, len(images))))
+    return decode_dataset(images, resolution=unet.config.sample_size, channels=unet.config.in_channels)
 
 
 def readout_config(seg: SegmentConfig) -> ReadoutConfig:

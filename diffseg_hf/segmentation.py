@@ -29,7 +29,7 @@ from .evaluation.segmentation import SegmentationMeter, SegMetrics
 from .features import FeatureExtractor
 from .pipeline import load_model_and_scheduler
 from .pixel_classifier import PixelEnsemble, PixelStore, fit_ensemble
-from .readout import ReadoutConfig, fit_conv_head, load_head, save_head
+from .readout import ReadoutConfig, fit_conv_head, load_head, save_head, self_train_conv_head
 from .remote.pipeline_diffseg_segmentation import FeatureProtocol, feature_views
 from .remote.pixel_ensemble import ConvReadoutModel, predict_views
 
@@ -124,14 +124,24 @@ def extract_views(extractor: FeatureExtractor, data: SegmentationSet, *, flip: b
 
 
 def fit_head(views: Sequence[torch.Tensor], masks: torch.Tensor, num_classes: int, protocol: FeatureProtocol,
-             readout: ReadoutConfig, progress: bool = False) -> PixelEnsemble | ConvReadoutModel:
+             readout: ReadoutConfig, progress: bool = False, unlabeled_views: Sequence[torch.Tensor] = ()
+             ) -> PixelEnsemble | ConvReadoutModel:
     """Fit the readout head on whole feature maps: views[0] (N, D, H, W) of the images and, with flipping,
     views[1] of the mirrored images (masks mirrored to match). Used by `tune` and for small labelled sets;
-    `fit_segmenter` streams the MLP ensemble's pixels instead, to bound memory for large ones."""
+    `fit_segmenter` streams the MLP ensemble's pixels instead, to bound memory for large ones.
+    ``unlabeled_views``: the same views of unlabelled images, for self-training (``readout.self_train_rounds``)."""
     if readout.head == "conv":
+        mirrored = views[1] if len(views) > 1 else None
+        if readout.self_train_rounds:
+            if not unlabeled_views:
+                raise DataError(f"self_train_rounds={readout.self_train_rounds} needs unlabelled images; set "
+                                "segment.num_unlabeled > 0 (and segment.unlabeled), or segment.self_train_rounds=0")
+            return self_train_conv_head(views[0], masks, unlabeled_views[0], num_classes=num_classes,
+                                        protocol=protocol, options=readout, mirrored=mirrored,
+                                        unlabeled_mirrored=unlabeled_views[1] if mirrored is not None else None,
+                                        ignore_index=IGNORE_INDEX, progress=progress)
         return fit_conv_head(views[0], masks, num_classes=num_classes, protocol=protocol, options=readout,
-                             mirrored=views[1] if len(views) > 1 else None, ignore_index=IGNORE_INDEX,
-                             progress=progress)
+                             mirrored=mirrored, ignore_index=IGNORE_INDEX, progress=progress)
     store = PixelStore(views[0].shape[1], num_classes, memory_mb=readout.memory_mb, seed=readout.seed,
                        expected_pixels=masks.numel() * len(views))
     for v, m in zip(views, (masks, masks.flip(-1))):
@@ -150,13 +160,15 @@ def _fit_from_store(store: PixelStore, num_classes: int, readout: ReadoutConfig,
 
 def fit_segmenter(unet: UNet2DModel, scheduler: DDPMScheduler, train: SegmentationSet, *, model_location: str,
                   protocol: FeatureProtocol | None = None, readout: ReadoutConfig | None = None,
-                  image_batch: int | None = None, progress: bool = False) -> tuple[Segmenter, dict]:
+                  image_batch: int | None = None, unlabeled: torch.Tensor | None = None,
+                  progress: bool = False) -> tuple[Segmenter, dict]:
     """Fit the readout head on `train`'s labelled images; returns the segmenter and fitting statistics.
 
     `protocol` and `readout` default to the reference's (`FeatureProtocol()`, `ReadoutConfig()`). Memory stays
     bounded: for the MLP ensemble, features go image batch by image batch (`image_batch`; default: as many
     images as fit in FEATURE_BATCH_MB of fp32 features) into a `PixelStore` capped at `readout.memory_mb` of
-    float16 features; the conv head needs whole float16 maps and refuses more than `readout.memory_mb`."""
+    float16 features; the conv head needs whole float16 maps and refuses more than `readout.memory_mb`.
+    `unlabeled`: uint8 images (U, C, H, W) without masks, read for self-training (`readout.self_train_rounds`)."""
     protocol, readout = protocol or FeatureProtocol(), readout or ReadoutConfig()
     _check_masks(train)
     extractor = FeatureExtractor.from_protocol(unet, scheduler, protocol)
@@ -165,15 +177,23 @@ def fit_segmenter(unet: UNet2DModel, scheduler: DDPMScheduler, train: Segmentati
         image_batch = max(1, min(8, int(FEATURE_BATCH_MB * 2**20) // (4 * extractor.feature_dim * pixels_per_image)))
     stats = {"feature_dim": extractor.feature_dim}
     if readout.head == "conv":
-        needed_mb = 2 * extractor.feature_dim * pixels_per_image * len(train) * (1 + protocol.flip) / 2**20
+        pool = None
+        if readout.self_train_rounds and unlabeled is not None:
+            pool = SegmentationSet(unlabeled, torch.full((len(unlabeled), *unlabeled.shape[-2:]), IGNORE_INDEX,
+                                                         dtype=torch.uint8), train.class_names)
+        maps = len(train) + (len(pool) if pool is not None else 0)
+        needed_mb = 2 * extractor.feature_dim * pixels_per_image * maps * (1 + protocol.flip) / 2**20
         if needed_mb > readout.memory_mb:
-            raise DataError(f"the conv head needs {needed_mb:.0f} MB of float16 feature maps, over segment.memory_mb="
-                            f"{readout.memory_mb:g}; raise segment.memory_mb, use fewer feature blocks or timesteps, "
-                            "or segment.head=mlp-ensemble")
+            raise DataError(f"the conv head needs {needed_mb:.0f} MB of float16 feature maps ({maps} images), over "
+                            f"segment.memory_mb={readout.memory_mb:g}; raise segment.memory_mb, lower "
+                            "segment.num_unlabeled, use fewer feature blocks or timesteps, or segment.head=mlp-ensemble")
         with extractor:
             views = extract_views(extractor, train, flip=protocol.flip, image_batch=image_batch)
-        head = fit_head(views, train.masks, train.num_classes, protocol, readout, progress)
-        stats.update(pixels_seen=int((train.masks != IGNORE_INDEX).sum()), store_bytes=sum(v.nbytes for v in views))
+            pool_views = () if pool is None else extract_views(extractor, pool, flip=protocol.flip,
+                                                               image_batch=image_batch)
+        head = fit_head(views, train.masks, train.num_classes, protocol, readout, progress, unlabeled_views=pool_views)
+        stats.update(pixels_seen=int((train.masks != IGNORE_INDEX).sum()),
+                     store_bytes=sum(v.nbytes for v in (*views, *pool_views)), num_unlabeled=maps - len(train))
         stats["pixels_kept"] = stats["pixels_seen"]
     else:
         head, store = _fit_mlp_ensemble(extractor, train, readout, image_batch, progress)
