@@ -90,7 +90,8 @@ def tune_readout(unet: UNet2DModel, scheduler: DDPMScheduler, labelled: Segmenta
         t0 = time.perf_counter()
         channels = torch.cat([torch.arange(*offsets[t, b]) for t in cand.timesteps for b in (cand.blocks or up)])
         cand_protocol = replace(protocol, timesteps=cand.timesteps, blocks=cand.blocks)
-        cand_readout = replace(readout, head=cand.head)
+        # ranked without self-training: its refits would multiply the cost; the recipe's rounds apply after tuning
+        cand_readout = replace(readout, head=cand.head, self_train_rounds=0)
         scores = []
         for held in splits:
             fit_idx = torch.tensor([i for i in range(len(labelled)) if i not in set(held.tolist())])

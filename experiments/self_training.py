@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from diffseg_hf.data.segmentation import IGNORE_INDEX, SegmentationSet, load_fas
 from diffseg_hf.evaluation.segmentation import SegmentationMeter
 from diffseg_hf.features import FeatureExtractor
 from diffseg_hf.pipeline import load_model_and_scheduler
-from diffseg_hf.readout import ReadoutConfig, fit_conv_head
+from diffseg_hf.readout import ReadoutConfig, self_train_conv_head
 from diffseg_hf.recipe import SEGMENT_PRESETS
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
 from diffseg_hf.segmentation import SegSource, extract_views, load_segmentation_data
@@ -64,21 +65,11 @@ def score(labels: torch.Tensor, data: SegmentationSet) -> dict:
 
 def self_train(train_views, train_masks, unl_views, num_classes, protocol, readout, *, rounds, threshold,
                labelled_share, steps, base_steps=None, **_):
-    if base_steps:
-        readout = ReadoutConfig(**{**readout.to_dict(), "conv_steps": base_steps})
-    head = fit_conv_head(train_views, train_masks, num_classes=num_classes, protocol=protocol, options=readout)
-    for r in range(rounds):
-        probs = probabilities(head, unl_views)
-        conf, pseudo = probs.max(1)
-        pseudo[conf < threshold] = IGNORE_INDEX
-        feats = torch.cat([train_views, unl_views])
-        masks = torch.cat([train_masks.long(), pseudo])
-        n, u = len(train_views), len(unl_views)
-        weights = torch.cat([torch.full((n,), labelled_share / n), torch.full((u,), (1 - labelled_share) / u)])
-        opts = ReadoutConfig(**{**readout.to_dict(), "conv_steps": steps})
-        head = fit_conv_head(feats, masks, num_classes=num_classes, protocol=protocol, options=opts,
-                             sample_weights=weights)
-    return head
+    """The toolkit's `self_train_conv_head` with this script's config names."""
+    options = replace(readout, conv_steps=base_steps or readout.conv_steps, self_train_rounds=rounds,
+                      pseudo_threshold=threshold, pseudo_share=labelled_share, self_train_steps=steps)
+    return self_train_conv_head(train_views, train_masks, unl_views, num_classes=num_classes, protocol=protocol,
+                                options=options)
 
 
 def main() -> None:
@@ -90,7 +81,6 @@ def main() -> None:
     ap.add_argument("--configs", default="", help="comma-separated names of CONFIGS (default: all)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     configs = {
         "r0": dict(rounds=0),
         "r1-t0.7": dict(rounds=1, threshold=0.7),

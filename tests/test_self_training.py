@@ -115,3 +115,17 @@ def test_recipe_keys_select_the_unlabelled_images_and_refuse_bad_settings(tmp_pa
         readout_config(load_recipe("fashion-seg", ["segment.self_train_rounds=1", "segment.head=mlp-ensemble"]).segment)
     with pytest.raises(RecipeError, match="pseudo_threshold=1.5 must be in"):
         readout_config(load_recipe("fashion-seg", ["segment.pseudo_threshold=1.5"]).segment)
+
+
+def test_tune_ranks_candidates_without_the_recipes_self_training():
+    """`segment tune` with self-training in the recipe ranks its candidates (labelled folds only) instead of failing
+    for want of unlabelled maps; the rounds apply to the fit after tuning."""
+    from diffseg_hf.tuning import Candidate, tune_readout
+
+    unet = tiny_unet().eval()
+    g = torch.Generator().manual_seed(8)
+    images = (torch.rand(4, 1, 16, 16, generator=g) * 255).to(torch.uint8)
+    train = SegmentationSet(images, (images[:, 0] > 127).to(torch.uint8), ("background", "thing"))
+    result = tune_readout(unet, make_scheduler("linear"), train, candidates=[Candidate((5, 20), None, "conv")],
+                          protocol=FeatureProtocol(), readout=ReadoutConfig(**FAST, self_train_rounds=1), folds=2)
+    assert len(result["rows"]) == 1 and 0.0 <= result["best"]["mean_miou"] <= 1.0
