@@ -22,13 +22,17 @@ import torch  # noqa: E402
 
 from bench.train_step import Config, build, variant_specs  # noqa: E402
 from diffseg_hf.models import count_parameters  # noqa: E402
+from diffseg_hf.remote.diffseg_unet import ConvNeXtBlock2D  # noqa: E402
 from diffseg_hf.schedule import make_scheduler  # noqa: E402
 from diffseg_hf.training import diffusion_loss  # noqa: E402
 
 
 def arm(kind: str, kwargs: dict, precision: str, channels_last: bool, batch: int, fused: bool = False,
-        compile_model: bool = False):
-    """(model, step): one AdamW step of the eps-MSE loss on a fixed batch (FP32AttnProcessor is built in)."""
+        compile_model: bool = False, library_depthwise: bool = False):
+    """(model, step): one AdamW step of the eps-MSE loss on a fixed batch (FP32AttnProcessor is built in).
+
+    library_depthwise: ConvNeXt's depthwise conv with torch's own backward instead of the toolkit's CPU kernel.
+    """
     model = build(kind, kwargs)
     x = torch.rand(batch, model.config.in_channels, model.config.sample_size, model.config.sample_size,
                    generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -41,6 +45,7 @@ def arm(kind: str, kwargs: dict, precision: str, channels_last: bool, batch: int
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step() -> float:
+        ConvNeXtBlock2D.cpu_depthwise_kernel = not library_depthwise
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             loss = diffusion_loss(net, scheduler, x, torch.Generator().manual_seed(0))
@@ -66,6 +71,10 @@ def main() -> None:
             for cl in (False, True):
                 arms[f"{variant}/{precision}/{'nhwc' if cl else 'nchw'}"] = arm(kind, kw, precision, cl, args.batch)
     arms["resnet/bf16/nhwc-fused"] = arm(*specs["resnet"], "bf16", True, args.batch, fused=True)
+    arms["convnext/bf16/nhwc-fused"] = arm(*specs["convnext"], "bf16", True, args.batch, fused=True)
+    for precision in ("fp32", "bf16"):  # the library's depthwise backward (before the toolkit's CPU kernel)
+        arms[f"convnext/{precision}/nhwc-libdw"] = arm(*specs["convnext"], precision, True, args.batch,
+                                                        library_depthwise=True)
     arms["stock/fp32/nchw"] = arm(*specs["stock"], "fp32", False, args.batch)
     if args.compile:
         arms["resnet/bf16/nchw-compiled"] = arm(*specs["resnet"], "bf16", False, args.batch, compile_model=True)
@@ -85,17 +94,26 @@ def main() -> None:
     for name, ts in times.items():
         variant, precision, layout = name.split("/")
         base = statistics.median(times[f"resnet/{precision}/nchw"])
+        # the baseline in the same layout: the same arm name, else the same memory format (nhwc-libdw -> nhwc)
+        same = next((n for n in (f"resnet/{precision}/{layout}", f"resnet/{precision}/{layout.split('-')[0]}")
+                     if n in times), None)
         rows.append({"arm": name, "params": count_parameters(arms[name][0]),
                      "ms_step": round(1e3 * statistics.median(ts), 1),
                      "min_ms": round(1e3 * min(ts), 1), "max_ms": round(1e3 * max(ts), 1),
                      "vs_resnet_same_precision_nchw": round(base / statistics.median(ts), 3),
                      "vs_stock_fp32": round(statistics.median(times["stock/fp32/nchw"]) / statistics.median(ts), 3),
                      "first_call_s": warmup_s[name],
-                     "ratios_per_repeat": [round(b / t, 3) for b, t in zip(times[f"resnet/{precision}/nchw"], ts)]})
+                     "ratios_per_repeat": [round(b / t, 3) for b, t in zip(times[f"resnet/{precision}/nchw"], ts)],
+                     "vs_resnet_same_layout": None if same is None or variant == "stock" else {
+                         "reference": same, "median": round(statistics.median(times[same]) / statistics.median(ts), 3),
+                         "per_repeat": [round(b / t, 3) for b, t in zip(times[same], ts)]}})
     for r in rows:
         print(f"{r['arm']:<24} {r['params']:>9} {r['ms_step']:>8} ms  [{r['min_ms']}, {r['max_ms']}]  "
               f"x{r['vs_resnet_same_precision_nchw']} vs resnet, x{r['vs_stock_fp32']} vs stock fp32, "
-              f"first call {r['first_call_s']} s")
+              f"first call {r['first_call_s']} s"
+              + (f", x{r['vs_resnet_same_layout']['median']} vs {r['vs_resnet_same_layout']['reference']} "
+                 f"{min(r['vs_resnet_same_layout']['per_repeat'])}-{max(r['vs_resnet_same_layout']['per_repeat'])}"
+                 if r["vs_resnet_same_layout"] else ""))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"batch": args.batch, "repeats": args.repeats, "threads": torch.get_num_threads()}

@@ -180,3 +180,68 @@ def test_every_block_option_is_an_explicit_unet_argument():
     for key, default in BLOCK_OPTIONS.items():
         assert key in signature and signature[key].default == default, key
     assert tiny_unet("convnext", convnext_kernel_size=3).down_blocks[0].resnets[0].depthwise.kernel_size == (3, 3)
+
+
+def test_depthwise_kernel_gradients_pass_gradcheck():
+    from diffseg_hf.remote.diffseg_unet import _DepthwiseConv2d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 5, generator=g, dtype=torch.double, requires_grad=True)
+    for k, bias in ((3, True), (7, False)):  # a 7x7 kernel wider than the 5-px map: padding does the work
+        w = torch.randn(3, 1, k, k, generator=g, dtype=torch.double, requires_grad=True)
+        b = torch.randn(3, generator=g, dtype=torch.double, requires_grad=True) if bias else None
+        assert torch.autograd.gradcheck(lambda x, w, b: _DepthwiseConv2d.apply(x, w, b, k // 2), (x, w, b))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_depthwise_kernel_matches_the_library_conv(channels_last, bf16, monkeypatch):
+    """Same outputs bit for bit, gradients within float tolerance (bf16: closer to fp64 than the library's)."""
+    from diffseg_hf.remote.diffseg_unet import ConvNeXtBlock2D, depthwise_conv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16)
+    x = torch.randn(4, 16, 12, 12)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    conv64 = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16).double()
+    conv64.load_state_dict(conv.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    conv64(x64).square().sum().backward()
+    results = {}
+    for fast in (True, False):
+        monkeypatch.setattr(ConvNeXtBlock2D, "cpu_depthwise_kernel", fast)
+        x.grad, conv.weight.grad, conv.bias.grad = None, None, None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = depthwise_conv2d(conv, x)
+        y.float().square().sum().backward()
+        results[fast] = (y.detach(), x.grad, conv.weight.grad, conv.bias.grad)
+    (y, gx, gw, gb), (y_lib, gx_lib, gw_lib, gb_lib) = results[True], results[False]
+    assert y.dtype == y_lib.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert torch.equal(y, y_lib)
+    assert gx.dtype == gw.dtype == gb.dtype == torch.float32
+    tol = 1e-2 if bf16 else 1e-5
+    for ours, lib in ((gx, gx_lib), (gw, gw_lib), (gb, gb_lib)):
+        assert (ours - lib).abs().max() <= tol * lib.abs().max()
+    if bf16:  # the weight gradient sums the batch in fp32: nearer the fp64 truth than the library's bf16 sum
+        def err(a):
+            return (a.double() - conv64.weight.grad).abs().max() / conv64.weight.grad.abs().max()
+        assert err(gw) <= err(gw_lib) * 1.1
+
+
+def test_convnext_unet_is_the_same_function_with_either_depthwise_backward(monkeypatch):
+    from diffseg_hf.remote.diffseg_unet import ConvNeXtBlock2D
+
+    model = _randomize(tiny_unet("convnext"))
+    x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([5, 600])
+    runs = []
+    for fast in (True, False):
+        monkeypatch.setattr(ConvNeXtBlock2D, "cpu_depthwise_kernel", fast)
+        model.zero_grad()
+        out = model(x, t).sample
+        out.square().mean().backward()
+        runs.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for name, grad in runs[0][1].items():
+        torch.testing.assert_close(grad, runs[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
