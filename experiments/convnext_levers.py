@@ -61,7 +61,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--compile", action="store_true", help="also torch.compile the default (resnet/bf16) arm")
+    ap.add_argument("--compile", action="store_true",
+                    help="also torch.compile the default path (bf16, channels_last, fused) of both blocks")
     args = ap.parse_args()
     specs, match = variant_specs(Config(variants=("stock", "resnet", "convnext")))
     arms = {}
@@ -76,8 +77,10 @@ def main() -> None:
         arms[f"convnext/{precision}/nhwc-libdw"] = arm(*specs["convnext"], precision, True, args.batch,
                                                         library_depthwise=True)
     arms["stock/fp32/nchw"] = arm(*specs["stock"], "fp32", False, args.batch)
-    if args.compile:
-        arms["resnet/bf16/nchw-compiled"] = arm(*specs["resnet"], "bf16", False, args.batch, compile_model=True)
+    if args.compile:  # the default path of each block type, compiled (first call = the cold compile)
+        for variant in ("resnet", "convnext"):
+            arms[f"{variant}/bf16/nhwc-fused-compiled"] = arm(*specs[variant], "bf16", True, args.batch, fused=True,
+                                                              compile_model=True)
     times = {name: [] for name in arms}
     warmup_s = {}
     for name, (_, step) in arms.items():  # warm-up (the first call of a compiled arm compiles it)
