@@ -195,9 +195,9 @@ def test_depthwise_kernel_gradients_pass_gradcheck():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_depthwise_kernel_matches_the_library_conv(channels_last, bf16, monkeypatch):
+def test_depthwise_kernel_matches_the_library_conv(channels_last, bf16):
     """Same outputs bit for bit, gradients within float tolerance (bf16: closer to fp64 than the library's)."""
-    from diffseg_hf.remote.diffseg_unet import ConvNeXtBlock2D, depthwise_conv2d
+    from diffseg_hf.remote.diffseg_unet import _DepthwiseConv2d
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16)
@@ -211,10 +211,9 @@ def test_depthwise_kernel_matches_the_library_conv(channels_last, bf16, monkeypa
     conv64(x64).square().sum().backward()
     results = {}
     for fast in (True, False):
-        monkeypatch.setattr(ConvNeXtBlock2D, "cpu_depthwise_kernel", fast)
         x.grad, conv.weight.grad, conv.bias.grad = None, None, None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            y = depthwise_conv2d(conv, x)
+            y = _DepthwiseConv2d.apply(x, conv.weight, conv.bias, 3) if fast else conv(x)
         y.float().square().sum().backward()
         results[fast] = (y.detach(), x.grad, conv.weight.grad, conv.bias.grad)
     (y, gx, gw, gb), (y_lib, gx_lib, gw_lib, gb_lib) = results[True], results[False]
@@ -245,3 +244,27 @@ def test_convnext_unet_is_the_same_function_with_either_depthwise_backward(monke
     assert torch.equal(runs[0][0], runs[1][0])
     for name, grad in runs[0][1].items():
         torch.testing.assert_close(grad, runs[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_depthwise_dispatch_takes_the_kernel_except_where_torch_is_as_fast(monkeypatch):
+    from diffseg_hf.remote import diffseg_unet
+
+    calls = []
+    monkeypatch.setattr(diffseg_unet._DepthwiseConv2d, "apply",
+                        lambda *a: calls.append(1) or torch.nn.functional.conv2d(a[0], a[1], a[2], padding=3, groups=4))
+    conv = torch.nn.Conv2d(4, 4, 7, padding=3, groups=4)
+    x = torch.randn(2, 4, 8, 8)
+
+    def takes_kernel(x, autocast=False):
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            diffseg_unet.depthwise_conv2d(conv, x)
+        return bool(calls)
+
+    assert takes_kernel(x) and takes_kernel(x, autocast=True)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert takes_kernel(nhwc, autocast=True) and not takes_kernel(nhwc)  # fp32 NHWC: torch's backward is as fast
+    with torch.no_grad():
+        assert not takes_kernel(x, autocast=True)
+    monkeypatch.setattr(diffseg_unet.ConvNeXtBlock2D, "cpu_depthwise_kernel", False)
+    assert not takes_kernel(x, autocast=True)
