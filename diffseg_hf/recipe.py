@@ -117,6 +117,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     max_minutes: float | None = None  # wall-clock budget: stop (and save) once the training loop has run this long
+    # "minutes": the LR schedule ends when max_minutes does. After the first CALIBRATION_STEPS steps the run
+    # measures its seconds per step and sets its horizon to the steps that fit the rest of the budget (at most
+    # max_steps), so a slow machine gets a complete warm-up + decay instead of a schedule cut off half way.
+    lr_horizon: Literal["steps", "minutes"] = "steps"
     loss_weighting: Literal["none", "min-snr"] = "none"  # min-snr: Hang et al. 2023, weight min(SNR, gamma) / SNR
     snr_gamma: float = 5.0
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: take the launcher's setting
@@ -131,6 +135,11 @@ class TrainConfig:
     checkpoints_total_limit: int | None = 2
     sample_every: int = 0  # 0: only at the end
     log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.lr_horizon == "minutes" and self.max_minutes is None:
+            raise RecipeError("train.lr_horizon=minutes needs a budget: set train.max_minutes (or use "
+                              "train.lr_horizon=steps)")
 
 
 @dataclass(frozen=True)

@@ -65,15 +65,26 @@ class TrainState:
     images_seen: int = 0
     train_seconds: float = 0.0  # wall time of the training loop over all runs, up to the last checkpoint
     history: list = field(default_factory=list)  # (step, loss) at each log point
+    horizon: int | None = None  # the LR schedule's length once train.lr_horizon=minutes has calibrated it
 
     def state_dict(self) -> dict:
         return {"step": self.step, "images_seen": self.images_seen, "train_seconds": self.train_seconds,
-                "history": list(self.history)}
+                "history": list(self.history), "horizon": self.horizon}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.images_seen = state["step"], state["images_seen"]
         self.history = [tuple(h) for h in state["history"]]  # JSON gives lists back
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.horizon = state.get("horizon")
+
+
+CALIBRATION_STEPS = 30  # train.lr_horizon=minutes times steps 6..30 of a run (the first few are slow)
+
+
+def _schedule(cfg, optimizer: torch.optim.Optimizer, horizon: int, step: int = 0):
+    """diffusers' LR schedule of length `horizon`, positioned at `step` (0: a new run)."""
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                         num_training_steps=horizon, last_epoch=step - 1)
 
 
 def _step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
@@ -139,7 +150,7 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
 def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps: int | None, resume: str | None,
            step_callback: Callable[[int, float], None] | None, progress: bool) -> dict:
     cfg = recipe.train
-    stop_at = max_steps if max_steps is not None else cfg.max_steps
+    stop_at = requested = max_steps if max_steps is not None else cfg.max_steps
     horizon = max(cfg.max_steps, stop_at)
     resume_from = resolve_resume(output_dir, resume, log=accelerator.print)
     if accelerator.is_main_process:
@@ -163,8 +174,7 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
         unet = unet.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, fused=cfg.fused_optimizer or None)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                                 num_training_steps=horizon)
+    raw_optimizer, lr_scheduler = optimizer, _schedule(cfg, optimizer, horizon)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     ema.to(accelerator.device)
     state = TrainState()
@@ -173,6 +183,9 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
     if resume_from is not None:
         load_checkpoint(resume_from, objects)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    if state.horizon is not None:  # calibrated earlier in this run (train.lr_horizon=minutes)
+        horizon, stop_at = state.horizon, min(stop_at, state.horizon)
+        objects.lr_scheduler = lr_scheduler = _schedule(cfg, raw_optimizer, horizon, state.step)
     accelerator.init_trackers("diffseg", config=_flat(recipe.to_dict()))
 
     # 3. loop
@@ -223,6 +236,19 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
             ema.step(accelerator.unwrap_model(unet).parameters())
             state.step += 1
             state.images_seen += clean.shape[0] * accum * accelerator.num_processes
+            if cfg.lr_horizon == "minutes" and state.horizon is None:
+                if state.step - start_step == 5:
+                    calibration_start = time.perf_counter()
+                elif state.step - start_step == CALIBRATION_STEPS:
+                    per_step = (time.perf_counter() - calibration_start) / (CALIBRATION_STEPS - 5)
+                    per_step = accelerator.gather(torch.tensor([per_step], device=accelerator.device)).max().item()
+                    spent = state.train_seconds + time.perf_counter() - clock[0]
+                    fits = int(0.98 * max(budget_s - spent, 0.0) / per_step)  # 2%: checkpoints, logging
+                    horizon = state.horizon = max(state.step, min(horizon, state.step + fits))
+                    stop_at = min(stop_at, horizon)
+                    objects.lr_scheduler = lr_scheduler = _schedule(cfg, raw_optimizer, horizon, state.step)
+                    bar.total = stop_at
+                    accelerator.print(f"lr_horizon=minutes: {per_step:.3f} s/step, schedule ends at step {horizon}")
             if step_callback is not None:
                 step_callback(state.step, last_loss)
             if _any_process(accelerator, sigint.requested):  # Ctrl-C: stop at this clean step boundary
@@ -244,6 +270,8 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
                 _sample_grid(accelerator, unet, ema, noise_scheduler, recipe, output_dir, state.step)
     bar.close()
     elapsed = time.perf_counter() - started
+    if stopped_by == "max_steps" and state.horizon is not None and state.step == state.horizon < requested:
+        stopped_by = "lr_horizon"  # the calibrated schedule ended before max_steps: the budget holds no more
 
     # 4. final checkpoint (so --resume latest --max-steps M extends the run), pipeline with EMA weights
     if last_checkpoint is None or last_checkpoint.name != f"{CHECKPOINT_PREFIX}{state.step}":
@@ -256,7 +284,8 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
                "train_seconds_total": round(state.train_seconds + time.perf_counter() - clock[0], 2),
                "images_per_s": round((state.step - start_step) * cfg.batch_size * accum * accelerator.num_processes
                                      / max(elapsed, 1e-9), 2),
-               "stopped_by": stopped_by, "last_loss": last_loss, "loss_history": state.history,
+               "stopped_by": stopped_by, "lr_horizon_steps": horizon,
+               "last_lr": lr_scheduler.get_last_lr()[0], "last_loss": last_loss, "loss_history": state.history,
                "rank_weight_checksums": checksums}
     if accelerator.is_main_process:
         final = build_unet(recipe)

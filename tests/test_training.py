@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY_MODEL
-from diffseg_hf.errors import CheckpointError, DataError
+from diffseg_hf.errors import CheckpointError, DataError, RecipeError
 from diffseg_hf.models import load_unet
 from diffseg_hf.pipeline import load_model_and_scheduler
 from diffseg_hf.checkpoints import list_checkpoints
@@ -110,6 +111,27 @@ def test_max_minutes_budget_stops_the_run_and_saves(tmp_path):
     assert (tmp_path / "run" / "model_index.json").is_file()
     again = train(recipe, tmp_path / "run", max_steps=50, resume="latest", progress=False)
     assert again["steps_this_run"] == 0 and again["stopped_by"] == "max_minutes"  # the budget spans resumes
+
+
+def test_lr_horizon_minutes_fits_the_schedule_to_the_budget_and_survives_resume(tmp_path):
+    recipe = load_recipe("fashion-cpu", TINY_TRAIN + ["train.max_minutes=0.1", "train.lr_horizon=minutes",
+                                                      "train.max_steps=100000", "train.checkpoint_every=0"])
+    slow = lambda step, loss: time.sleep(0.015)  # noqa: E731 - at least 15 ms a step: 6 s fit < 400 steps
+    first = train(recipe, tmp_path / "run", max_steps=35, step_callback=slow, progress=False)
+    horizon = first["lr_horizon_steps"]
+    assert first["steps"] == 35 and 35 < horizon < 400  # calibrated at step 30, far below train.max_steps
+    assert first["last_lr"] > 0
+    second = train(recipe, tmp_path / "run", resume="latest", step_callback=slow, progress=False)
+    assert second["lr_horizon_steps"] == horizon  # the resumed run keeps the calibrated schedule
+    if second["stopped_by"] == "lr_horizon":  # else the hard cap fired a step or two early on a busy machine
+        assert second["steps"] == horizon and second["last_lr"] == 0.0  # the cosine decay is complete
+    else:
+        assert second["stopped_by"] == "max_minutes" and horizon - second["steps"] <= 0.1 * horizon
+
+
+def test_lr_horizon_minutes_needs_a_budget():
+    with pytest.raises(RecipeError, match="train.lr_horizon=minutes needs a budget: set train.max_minutes"):
+        load_recipe("fashion-cpu", ["train.max_minutes=null", "train.lr_horizon=minutes"])
 
 
 def test_stock_implementation_trains_and_reloads_as_stock(tmp_path):
