@@ -120,6 +120,8 @@ class TrainConfig:
     # "minutes": the LR schedule ends when max_minutes does. After the first CALIBRATION_STEPS steps the run
     # measures its seconds per step and sets its horizon to the steps that fit the rest of the budget (at most
     # max_steps), so a slow machine gets a complete warm-up + decay instead of a schedule cut off half way.
+    # Every REFIT_EVERY steps after that (until 90% of the horizon) it re-fits the horizon from its mean seconds
+    # per step so far, sample grids and checkpoints included, when that moves it by more than 1%.
     lr_horizon: Literal["steps", "minutes"] = "steps"
     loss_weighting: Literal["none", "min-snr"] = "none"  # min-snr: Hang et al. 2023, weight min(SNR, gamma) / SNR
     snr_gamma: float = 5.0

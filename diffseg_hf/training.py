@@ -66,19 +66,22 @@ class TrainState:
     train_seconds: float = 0.0  # wall time of the training loop over all runs, up to the last checkpoint
     history: list = field(default_factory=list)  # (step, loss) at each log point
     horizon: int | None = None  # the LR schedule's length once train.lr_horizon=minutes has calibrated it
+    horizons: list = field(default_factory=list)  # (step, horizon) at each calibration and re-fit
 
     def state_dict(self) -> dict:
         return {"step": self.step, "images_seen": self.images_seen, "train_seconds": self.train_seconds,
-                "history": list(self.history), "horizon": self.horizon}
+                "history": list(self.history), "horizon": self.horizon, "horizons": list(self.horizons)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.images_seen = state["step"], state["images_seen"]
         self.history = [tuple(h) for h in state["history"]]  # JSON gives lists back
         self.train_seconds = state.get("train_seconds", 0.0)
         self.horizon = state.get("horizon")
+        self.horizons = [tuple(h) for h in state.get("horizons", [])]
 
 
 CALIBRATION_STEPS = 30  # train.lr_horizon=minutes times steps 6..30 of a run (the first few are slow)
+REFIT_EVERY = 100  # then re-fits the horizon every 100 steps from this run's mean s/step (samples, checkpoints in)
 
 
 def _schedule(cfg, optimizer: torch.optim.Optimizer, horizon: int, step: int = 0):
@@ -151,7 +154,7 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
            step_callback: Callable[[int, float], None] | None, progress: bool) -> dict:
     cfg = recipe.train
     stop_at = requested = max_steps if max_steps is not None else cfg.max_steps
-    horizon = max(cfg.max_steps, stop_at)
+    horizon = cap = max(cfg.max_steps, stop_at)
     resume_from = resolve_resume(output_dir, resume, log=accelerator.print)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -236,19 +239,26 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
             ema.step(accelerator.unwrap_model(unet).parameters())
             state.step += 1
             state.images_seen += clean.shape[0] * accum * accelerator.num_processes
-            if cfg.lr_horizon == "minutes" and state.horizon is None:
-                if state.step - start_step == 5:
-                    calibration_start = time.perf_counter()
-                elif state.step - start_step == CALIBRATION_STEPS:
-                    per_step = (time.perf_counter() - calibration_start) / (CALIBRATION_STEPS - 5)
-                    per_step = accelerator.gather(torch.tensor([per_step], device=accelerator.device)).max().item()
-                    spent = state.train_seconds + time.perf_counter() - clock[0]
-                    fits = int(0.98 * max(budget_s - spent, 0.0) / per_step)  # 2%: checkpoints, logging
-                    horizon = state.horizon = max(state.step, min(horizon, state.step + fits))
-                    stop_at = min(stop_at, horizon)
+            ran = state.step - start_step
+            if cfg.lr_horizon == "minutes" and ran == 5:
+                rate_start = time.perf_counter()
+            elif cfg.lr_horizon == "minutes" and ran >= CALIBRATION_STEPS and (
+                    state.horizon is None if ran == CALIBRATION_STEPS else
+                    state.step % REFIT_EVERY == 0 and state.step < 0.9 * horizon):
+                # the same step on every rank: each takes the slowest rank's rate, so all fit the same horizon
+                per_step = (time.perf_counter() - rate_start) / (ran - 5)
+                per_step = accelerator.gather(torch.tensor([per_step], device=accelerator.device)).max().item()
+                spent = state.train_seconds + time.perf_counter() - clock[0]
+                fits = int(0.98 * max(budget_s - spent, 0.0) / per_step)  # 2%: checkpoints, logging
+                fitted = max(state.step, min(cap, state.step + fits))
+                if state.horizon is None or abs(fitted - horizon) > 0.01 * horizon:  # re-fits: drift over 1%
+                    horizon = state.horizon = fitted
+                    state.horizons.append((state.step, horizon))
+                    stop_at = min(requested, horizon)
                     objects.lr_scheduler = lr_scheduler = _schedule(cfg, raw_optimizer, horizon, state.step)
                     bar.total = stop_at
-                    accelerator.print(f"lr_horizon=minutes: {per_step:.3f} s/step, schedule ends at step {horizon}")
+                    accelerator.print(f"lr_horizon=minutes: {per_step:.3f} s/step at step {state.step}, "
+                                      f"schedule ends at step {horizon}")
             if step_callback is not None:
                 step_callback(state.step, last_loss)
             if _any_process(accelerator, sigint.requested):  # Ctrl-C: stop at this clean step boundary
@@ -284,7 +294,7 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
                "train_seconds_total": round(state.train_seconds + time.perf_counter() - clock[0], 2),
                "images_per_s": round((state.step - start_step) * cfg.batch_size * accum * accelerator.num_processes
                                      / max(elapsed, 1e-9), 2),
-               "stopped_by": stopped_by, "lr_horizon_steps": horizon,
+               "stopped_by": stopped_by, "lr_horizon_steps": horizon, "lr_horizon_fits": state.horizons,
                "last_lr": lr_scheduler.get_last_lr()[0], "last_loss": last_loss, "loss_history": state.history,
                "rank_weight_checksums": checksums}
     if accelerator.is_main_process:
