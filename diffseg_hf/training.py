@@ -65,18 +65,21 @@ class TrainState:
     images_seen: int = 0
     train_seconds: float = 0.0  # wall time of the training loop over all runs, up to the last checkpoint
     history: list = field(default_factory=list)  # (step, loss) at each log point
-    horizon: int | None = None  # the LR schedule's length once train.lr_horizon=minutes has calibrated it
-    horizons: list = field(default_factory=list)  # (step, horizon) at each calibration and re-fit
+    horizons: list = field(default_factory=list)  # (step, horizon) at each train.lr_horizon=minutes (re-)fit
+
+    @property
+    def horizon(self) -> int | None:
+        """The LR schedule's length once train.lr_horizon=minutes has calibrated it."""
+        return self.horizons[-1][1] if self.horizons else None
 
     def state_dict(self) -> dict:
         return {"step": self.step, "images_seen": self.images_seen, "train_seconds": self.train_seconds,
-                "history": list(self.history), "horizon": self.horizon, "horizons": list(self.horizons)}
+                "history": list(self.history), "horizons": list(self.horizons)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.images_seen = state["step"], state["images_seen"]
         self.history = [tuple(h) for h in state["history"]]  # JSON gives lists back
         self.train_seconds = state.get("train_seconds", 0.0)
-        self.horizon = state.get("horizon")
         self.horizons = [tuple(h) for h in state.get("horizons", [])]
 
 
@@ -252,7 +255,7 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
                 fits = int(0.98 * max(budget_s - spent, 0.0) / per_step)  # 2%: checkpoints, logging
                 fitted = max(state.step, min(cap, state.step + fits))
                 if state.horizon is None or abs(fitted - horizon) > 0.01 * horizon:  # re-fits: drift over 1%
-                    horizon = state.horizon = fitted
+                    horizon = fitted
                     state.horizons.append((state.step, horizon))
                     stop_at = min(requested, horizon)
                     objects.lr_scheduler = lr_scheduler = _schedule(cfg, raw_optimizer, horizon, state.step)
