@@ -5,7 +5,8 @@ seed 1; the test canvases are never read). Resumable: a variant with a row in --
     python experiments/demo_ddpm_sweep.py --runs runs/sweep --out docs/segmentation/demo_sweep_dev.json \
         --variant 'b32=' --variant 'b16=train.batch_size=16' --variant 'lr2e-3=train.lr=2e-3'
 
-Each variant is `NAME=KEY=VALUE,KEY=VALUE` (recipe overrides, as `diffseg train --set`). Every run trains
+Each variant is `NAME=KEY=VALUE,KEY=VALUE` (recipe overrides, as `diffseg train --set`; a list value such
+as `model.block_out_channels=[24,48,96]` keeps its commas). Every run trains
 under `train.max_minutes=--minutes` with `train.lr_horizon=minutes`, so each variant's cosine schedule ends
 when its budget does, whatever its steps per second. Rows: variant, overrides, the run's train summary
 (steps, minutes, img/s) and the dev mIoU of the `tuned` readout for each classifier seed (rows written by
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +42,7 @@ def main() -> None:
         name, _, overrides = spec.partition("=")
         if (name, args.minutes) in done:
             continue
-        sets = [o for o in overrides.split(",") if o]
+        sets = [o for o in re.split(r",(?![^\[]*\])", overrides) if o]  # commas inside [...] stay
         run = args.runs / name
         cmd = [diffseg, "train", "--recipe", args.recipe, "--output-dir", str(run),
                "--set", f"train.max_minutes={args.minutes}", "--set", "train.lr_horizon=minutes",
