@@ -1,7 +1,8 @@
 """Training step: each UNet variant vs the stock `UNet2DModel` of the same configuration, fp32 and bf16
-autocast; img/s, ratios with their spread over the interleaved repeats, peak memory, achieved GFLOP/s against
-the matmul ceiling measured in the same run; and whether bf16 reaches the fp32 training loss after the same
-steps (within the fp32 run-to-run spread).
+autocast, plus the recipe's own path (its precision, `train.channels_last`, `train.fused_optimizer`) for the
+baseline and ConvNeXt blocks; img/s, ratios with their spread over the interleaved repeats, peak memory, achieved
+GFLOP/s against the matmul ceiling measured in the same run; and whether bf16 reaches the fp32 training loss after
+the same steps (within the fp32 run-to-run spread).
 
     python bench/train_step.py [--quick] [--json PATH]
 """
@@ -22,7 +23,7 @@ from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 
 from bench.common import (cli, count_flops, log, machine_state, matmul_ceiling, profile_ops, report, result,
-                          run_child, span, speedup, target, time_interleaved)
+                          run_child, span, speedup, spread_of, target, time_interleaved)
 from diffseg_hf.build import stock_kwargs
 from diffseg_hf.data import TrainBatches, load_images
 from diffseg_hf.models import DiffsegUNet2DModel, count_parameters
@@ -135,17 +136,23 @@ def _autocast(precision: str, device_type: str = "cpu"):
     return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def make_step(model: torch.nn.Module, precision: str, batch_size: int, seed: int = 0):
+def make_step(model: torch.nn.Module, precision: str, batch_size: int, seed: int = 0, *,
+              channels_last: bool = False, fused: bool = False):
     """One AdamW training step on a fixed random batch (the eps-MSE of `diffusion_loss`) on the model's device;
-    fp16 scales the loss with a `GradScaler`, as accelerate does. Returns the loss (``.item()``, as the training
-    loop does every step: on CUDA that synchronizes)."""
+    fp16 scales the loss with a `GradScaler`, as accelerate does. ``channels_last`` and ``fused`` are the training
+    loop's `train.channels_last` (NHWC weights and batches) and `train.fused_optimizer`. Returns the loss
+    (``.item()``, as the training loop does every step: on CUDA that synchronizes)."""
     device = model.device
     scheduler = make_scheduler("linear")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     size, channels = model.config.sample_size, model.config.in_channels
     x = torch.rand(batch_size, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     x = x.to(device)  # (B, C, H, W)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -171,9 +178,10 @@ def step_flops(model: torch.nn.Module, batch_size: int) -> dict[str, int]:
     return count_flops(lambda: diffusion_loss(model, scheduler, x, torch.Generator().manual_seed(0)).backward())
 
 
-def measure_memory(kind: str, kwargs: dict, precision: str, batch_size: int, steps: int = 2) -> dict:
+def measure_memory(kind: str, kwargs: dict, precision: str, batch_size: int, steps: int = 2,
+                   channels_last: bool = False, fused: bool = False) -> dict:
     """Child: build the model and run ``steps`` training steps; the caller adds the peak RSS."""
-    step = make_step(build(kind, kwargs), precision, batch_size)
+    step = make_step(build(kind, kwargs), precision, batch_size, channels_last=channels_last, fused=fused)
     for _ in range(steps):
         step()
     return {"kind": kind, "precision": precision}
@@ -237,48 +245,62 @@ def run(cfg: Config) -> dict:
     ceiling = {"fp32": matmul_ceiling(torch.float32, n=cfg.ceiling_n, repeats=cfg.ceiling_repeats),
                "bf16": matmul_ceiling(torch.bfloat16, n=cfg.ceiling_n, repeats=cfg.ceiling_repeats)}
     ceiling["fp16"] = ceiling["bf16"]  # not measured separately
-    default = RECIPE_PRECISION[load_recipe(cfg.recipe, cfg.overrides).train.mixed_precision]
+    train = load_recipe(cfg.recipe, cfg.overrides).train
+    default = RECIPE_PRECISION[train.mixed_precision]
+    layout = dict(channels_last=train.channels_last, fused=train.fused_optimizer)  # the recipe's path
     precisions = list(dict.fromkeys([*cfg.precisions, default]))
     specs, match = variant_specs(cfg)
-    models = {(v, p): build(kind, kw) for v, (kind, kw) in specs.items() for p in precisions}
-    flops = {v: step_flops(models[v, precisions[0]], cfg.batch_size) for v in specs}
-    steps = {f"{v}/{p}": make_step(m, p, cfg.batch_size) for (v, p), m in models.items()}
+    # (variant, precision, path): "plain" = NCHW and the for-loop AdamW; "recipe" = the recipe's layout and optimizer
+    arms = [(v, p, "plain") for v in specs for p in precisions]
+    arms += [(v, default, "recipe") for v in ("resnet", "convnext") if v in specs]
+    models = {a: build(*specs[a[0]]) for a in arms}
+    flops = {v: step_flops(build(*specs[v]), cfg.batch_size) for v in specs}
+    steps = {arm_name(*a): make_step(models[a], a[1], cfg.batch_size, **(layout if a[2] == "recipe" else {}))
+             for a in arms}
     log(f"train_step: {len(steps)} steps x {cfg.repeats} repeats, batch {cfg.batch_size}")
     timings = time_interleaved(steps, warmup=cfg.warmup, repeats=cfg.repeats)
     compared = [k for k in ("stock/fp32", "resnet/fp32", f"resnet/{default}", "resnet/bf16", "convnext/fp32")
                 if k in steps]
     profiles = {k: profile_ops(steps[k]) for k in dict.fromkeys(compared)} if cfg.profile else {}
     rows = []
-    for (v, p), model in models.items():
-        tm, kind_kw = timings[f"{v}/{p}"], specs[v]
+    for (v, p, path), model in models.items():
+        tm, kind_kw = timings[arm_name(v, p, path)], specs[v]
         gflops = flops[v]["corrected"] / tm.median_s / 1e9
-        row = {"variant": v, "precision": p, "params": count_parameters(model),
+        row = {"variant": v, "precision": p, "path": path, "params": count_parameters(model),
                "ms_step": round(tm.median_s * 1e3, 1), "img_s": round(cfg.batch_size / tm.median_s, 2),
                "gflop_step": round(flops[v]["corrected"] / 1e9, 2),
                "gflop_step_torch_raw": round(flops[v]["raw"] / 1e9, 2), "achieved_gflops": round(gflops, 1),
                "share_of_ceiling": round(gflops / ceiling[p], 3), "times_s": tm.times_s}
         if cfg.memory:
-            log(f"train_step: peak memory of {v}/{p}")
+            log(f"train_step: peak memory of {arm_name(v, p, path)}")
             row["peak_rss_mb"] = run_child("bench.train_step:measure_memory",
                                            dict(kind=kind_kw[0], kwargs=kind_kw[1], precision=p,
-                                                batch_size=cfg.batch_size))["peak_rss_mb"]
+                                                batch_size=cfg.batch_size,
+                                                **(layout if path == "recipe" else {})))["peak_rss_mb"]
         rows.append(row)
     ratios = {k: speedup(tm, timings["stock/fp32"]) for k, tm in timings.items()} if "stock/fp32" in timings else {}
     for r in rows:
-        ratio = ratios.get(f"{r['variant']}/{r['precision']}")
+        ratio = ratios.get(arm_name(r["variant"], r["precision"], r["path"]))
         r["vs_stock_fp32"] = round(ratio["value"], 3) if ratio else None
         r["vs_stock_fp32_spread"] = span(ratio)
     log(f"train_step: loss check, {cfg.loss_steps} steps x {len(cfg.loss_seeds) + 1} runs")
     loss_rows, loss_target = _loss_check(cfg, specs["resnet"][1], default if default != "fp32" else "bf16")
-    targets = _targets(cfg, rows, timings, default, specs, match) + [loss_target]
+    targets = _targets(cfg, rows, timings, default, specs, match, flops, ceiling) + [loss_target]
     return result("train_step", cfg, machine, rows, targets, ceiling_gflops=ceiling, loss_check=loss_rows,
                   convnext_match=match, models={v: kw for v, kw in specs.items()},
-                  default_precision=default, **({"profile": profiles} if profiles else {}))
+                  default_precision=default, recipe_path=layout, **({"profile": profiles} if profiles else {}))
 
 
-def _targets(cfg: Config, rows: list[dict], timings: dict, default: str, specs: dict, match: dict) -> list[dict]:
-    """The issue's targets; each ratio carries its spread over the interleaved repeats (`speedup`)."""
-    share = {(r["variant"], r["precision"]): r["share_of_ceiling"] for r in rows}
+def arm_name(variant: str, precision: str, path: str = "plain") -> str:
+    """Timing key of an arm: "resnet/bf16", or "resnet/bf16/recipe" for the recipe's own path."""
+    return f"{variant}/{precision}" + ("" if path == "plain" else f"/{path}")
+
+
+def _targets(cfg: Config, rows: list[dict], timings: dict, default: str, specs: dict, match: dict,
+             flops: dict, ceiling: dict) -> list[dict]:
+    """The issues' targets; each ratio carries its spread over the interleaved repeats (`speedup`), the ceiling
+    share its spread over the repeats' times."""
+    share = {(r["variant"], r["precision"]): r["share_of_ceiling"] for r in rows if r["path"] == "plain"}
 
     def ratio(a: str, b: str) -> dict:  # {"value", "min", "max", ...}, or an empty value when not measured
         return speedup(timings[a], timings[b]) if a in timings and b in timings else {"value": None}
@@ -297,7 +319,18 @@ def _targets(cfg: Config, rows: list[dict], timings: dict, default: str, specs: 
         out.append(entry("train_step.baseline_bf16_vs_stock_fp32", "resnet/bf16", "stock/fp32", 1.3,
                          f"bf16 autocast, the candidate default; share of the bf16 matmul ceiling: "
                          f"baseline {share['resnet', 'bf16']:.0%}, stock {share.get(('stock', 'bf16'), 0):.0%}"))
+    recipe = arm_name("resnet", default, "recipe")
+    tm = timings[recipe]
+    gflop = flops["resnet"]["corrected"] / 1e9 / ceiling[default]  # share x seconds
+    out += [entry("train_step.default_vs_stock_fp32", recipe, "stock/fp32", 2.0,
+                  f"issue #16: the recipe's path ({default}, train.channels_last, train.fused_optimizer) against "
+                  f"stock fp32 NCHW"),
+            target("train_step.default_share_of_ceiling", gflop / tm.median_s, ">=", 0.65,
+                   f"issue #16: achieved GFLOP/s of the recipe's path over the {default} matmul ceiling of this run",
+                   spread={**spread_of([gflop / t for t in tm.times_s]), "repeats": len(tm.times_s)})]
     if "convnext" in specs:
+        out.append(entry("train_step.convnext_vs_baseline_default", arm_name("convnext", default, "recipe"), recipe,
+                         0.8, "issue #16: both on the recipe's path, equal parameters"))
         kw = specs["convnext"][1]
         bf16 = ratio("convnext/bf16", "resnet/bf16")["value"]
         out.append(entry("train_step.convnext_vs_baseline_fp32", "convnext/fp32", "resnet/fp32", 0.9,
@@ -307,7 +340,7 @@ def _targets(cfg: Config, rows: list[dict], timings: dict, default: str, specs: 
     return out
 
 
-COLUMNS = ["variant", "precision", "params", "ms_step", "img_s", "vs_stock_fp32", "vs_stock_fp32_spread", "gflop_step",
+COLUMNS = ["variant", "precision", "path", "params", "ms_step", "img_s", "vs_stock_fp32", "vs_stock_fp32_spread", "gflop_step",
            "achieved_gflops", "share_of_ceiling", "peak_rss_mb"]
 
 

@@ -33,8 +33,8 @@ TINY_CONFIGS = {
 }
 TARGET_NAMES = {
     "train_step.baseline_vs_stock_fp32", "train_step.baseline_default_precision_vs_stock_fp32",
-    "train_step.convnext_vs_baseline_fp32",
-    "train_step.bf16_loss_matches_fp32", "features.batched_vs_per_timestep", "ensemble.vectorized_vs_sequential",
+    "train_step.convnext_vs_baseline_fp32", "train_step.default_vs_stock_fp32", "train_step.default_share_of_ceiling",
+    "train_step.convnext_vs_baseline_default", "train_step.bf16_loss_matches_fp32", "features.batched_vs_per_timestep", "ensemble.vectorized_vs_sequential",
 }
 INFO_NAMES = {"features.batched_vs_per_timestep", "ensemble.vectorized_vs_sequential"}  # retired targets (issue #16)
 
@@ -201,6 +201,19 @@ def test_convnext_match_is_the_closest_parameter_count():
     assert abs(rel) == pytest.approx(min(abs(c["rel"]) for c in close), abs=1e-4)  # candidates are rounded
 
 
+def test_recipe_path_step_is_the_plain_step_in_nhwc_with_fused_adamw():
+    """The bench's recipe arm (train.channels_last + train.fused_optimizer) computes what the plain arm does: the
+    same losses over 3 steps, with NHWC weights."""
+    base = train_step.model_kwargs(train_step.Config(overrides=TINY))
+    plain, recipe = train_step.build("resnet", base), train_step.build("resnet", base)
+    step_plain = train_step.make_step(plain, "fp32", 2)
+    step_recipe = train_step.make_step(recipe, "fp32", 2, channels_last=True, fused=True)
+    conv = recipe.down_blocks[0].resnets[0].conv1.weight  # (8, 8, 3, 3)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for _ in range(3):
+        assert step_recipe() == pytest.approx(step_plain(), rel=1e-4)
+
+
 def test_smoothed_loss_is_the_mean_of_the_last_fifth():
     assert train_step.smoothed([9.0] * 20 + [1.0, 2.0, 3.0, 4.0, 5.0]) == 3.0
     assert train_step.smoothed([4.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == 1.0  # at least 5 steps
@@ -230,8 +243,10 @@ def test_run_all_tiny_writes_the_results_structure(tmp_path):
         for row in res["rows"]:
             for key in [k for k in row if k.endswith("_spread")]:
                 assert row[key][0] <= row[key][1], (res["benchmark"], key, row[key])
-    steps = {(r["variant"], r["precision"]) for r in saved["results"][0]["rows"]}
-    assert steps == {(v, p) for v in ("stock", "resnet", "adagn", "convnext") for p in ("fp32", "bf16")}
+    steps = {(r["variant"], r["precision"], r["path"]) for r in saved["results"][0]["rows"]}
+    assert steps == ({(v, p, "plain") for v in ("stock", "resnet", "adagn", "convnext") for p in ("fp32", "bf16")}
+                     | {("resnet", "bf16", "recipe"), ("convnext", "bf16", "recipe")})  # fashion-cpu: bf16
+    assert saved["results"][0]["recipe_path"] == {"channels_last": True, "fused": True}
     ddim = next(r for r in saved["results"][1]["rows"] if (r["sampler"], r["precision"]) == ("ddim", "fp32"))
     assert ddim["steps"] == ddim["measured_steps"] == 2
     assert all(r["max_abs_diff"] < 1e-4 for r in saved["results"][2]["rows"])  # same features either way
