@@ -29,7 +29,7 @@ from diffseg_hf.data import TrainBatches, load_images
 from diffseg_hf.models import DiffsegUNet2DModel, count_parameters
 from diffseg_hf.recipe import load_recipe
 from diffseg_hf.schedule import make_scheduler
-from diffseg_hf.training import diffusion_loss
+from diffseg_hf.training import diffusion_loss, probe_channels_last
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # accelerate's mixed_precision values -> our precision names (None: the launcher's default, "no")
@@ -247,16 +247,16 @@ def run(cfg: Config) -> dict:
     ceiling["fp16"] = ceiling["bf16"]  # not measured separately
     train = load_recipe(cfg.recipe, cfg.overrides).train
     default = RECIPE_PRECISION[train.mixed_precision]
-    layout = dict(channels_last=train.channels_last, fused=train.fused_optimizer)  # the recipe's path
     precisions = list(dict.fromkeys([*cfg.precisions, default]))
     specs, match = variant_specs(cfg)
     # (variant, precision, path): "plain" = NCHW and the for-loop AdamW; "recipe" = the recipe's layout and optimizer
     arms = [(v, p, "plain") for v in specs for p in precisions]
     arms += [(v, default, "recipe") for v in ("resnet", "convnext") if v in specs]
+    layout = {v: recipe_layout(train, *specs[v], default, cfg.batch_size) for v, _, path in arms if path == "recipe"}
     models = {a: build(*specs[a[0]]) for a in arms}
     flops = {v: step_flops(build(*specs[v]), cfg.batch_size) for v in specs}
-    steps = {arm_name(*a): make_step(models[a], a[1], cfg.batch_size, **(layout if a[2] == "recipe" else {}))
-             for a in arms}
+    steps = {arm_name(*a): make_step(models[a], a[1], cfg.batch_size, **(path_kwargs(layout[a[0]]) if a[2] == "recipe"
+                                                                          else {})) for a in arms}
     log(f"train_step: {len(steps)} steps x {cfg.repeats} repeats, batch {cfg.batch_size}")
     timings = time_interleaved(steps, warmup=cfg.warmup, repeats=cfg.repeats)
     compared = [k for k in ("stock/fp32", "resnet/fp32", f"resnet/{default}", "resnet/bf16", "convnext/fp32")
@@ -276,7 +276,7 @@ def run(cfg: Config) -> dict:
             row["peak_rss_mb"] = run_child("bench.train_step:measure_memory",
                                            dict(kind=kind_kw[0], kwargs=kind_kw[1], precision=p,
                                                 batch_size=cfg.batch_size,
-                                                **(layout if path == "recipe" else {})))["peak_rss_mb"]
+                                                **(path_kwargs(layout[v]) if path == "recipe" else {})))["peak_rss_mb"]
         rows.append(row)
     ratios = {k: speedup(tm, timings["stock/fp32"]) for k, tm in timings.items()} if "stock/fp32" in timings else {}
     for r in rows:
@@ -285,10 +285,28 @@ def run(cfg: Config) -> dict:
         r["vs_stock_fp32_spread"] = span(ratio)
     log(f"train_step: loss check, {cfg.loss_steps} steps x {len(cfg.loss_seeds) + 1} runs")
     loss_rows, loss_target = _loss_check(cfg, specs["resnet"][1], default if default != "fp32" else "bf16")
-    targets = _targets(cfg, rows, timings, default, specs, match, flops, ceiling) + [loss_target]
+    targets = _targets(cfg, rows, timings, default, specs, match, flops, ceiling, layout) + [loss_target]
     return result("train_step", cfg, machine, rows, targets, ceiling_gflops=ceiling, loss_check=loss_rows,
                   convnext_match=match, models={v: kw for v, kw in specs.items()},
                   default_precision=default, recipe_path=layout, **({"profile": profiles} if profiles else {}))
+
+
+def recipe_layout(train, kind: str, kwargs: dict, precision: str, batch_size: int) -> dict:
+    """The recipe's path for one variant: {"channels_last", "fused"} (make_step's keywords), with
+    train.channels_last=auto resolved by the training loop's own probe on this machine ("probe": its timings)."""
+    channels_last, probe = train.channels_last, None
+    if channels_last == "auto":
+        model = build(kind, kwargs)
+        probe = probe_channels_last(model, make_scheduler("linear"), (batch_size, model.config.in_channels,
+                                                                      *(model.config.sample_size,) * 2),
+                                    fused=train.fused_optimizer, autocast=lambda: _autocast(precision))
+        channels_last = probe["channels_last"]
+    return dict(channels_last=channels_last, fused=train.fused_optimizer, **({"probe": probe} if probe else {}))
+
+
+def path_kwargs(layout: dict) -> dict:
+    """make_step's keywords of a `recipe_layout`."""
+    return {k: layout[k] for k in ("channels_last", "fused")}
 
 
 def arm_name(variant: str, precision: str, path: str = "plain") -> str:
@@ -297,7 +315,7 @@ def arm_name(variant: str, precision: str, path: str = "plain") -> str:
 
 
 def _targets(cfg: Config, rows: list[dict], timings: dict, default: str, specs: dict, match: dict,
-             flops: dict, ceiling: dict) -> list[dict]:
+             flops: dict, ceiling: dict, layout: dict) -> list[dict]:
     """The issues' targets; each ratio carries its spread over the interleaved repeats (`speedup`), the ceiling
     share its spread over the repeats' times."""
     share = {(r["variant"], r["precision"]): r["share_of_ceiling"] for r in rows if r["path"] == "plain"}
@@ -323,8 +341,9 @@ def _targets(cfg: Config, rows: list[dict], timings: dict, default: str, specs: 
     tm = timings[recipe]
     gflop = flops["resnet"]["corrected"] / 1e9 / ceiling[default]  # share x seconds
     out += [entry("train_step.default_vs_stock_fp32", recipe, "stock/fp32", 2.0,
-                  f"issue #16: the recipe's path ({default}, train.channels_last, train.fused_optimizer) against "
-                  f"stock fp32 NCHW"),
+                  f"issue #16: the recipe's path ({default}, {'NHWC' if layout['resnet']['channels_last'] else 'NCHW'}"
+                  f"{' by the auto probe' if 'probe' in layout['resnet'] else ''}, fused AdamW "
+                  f"{layout['resnet']['fused']}) against stock fp32 NCHW"),
             target("train_step.default_share_of_ceiling", gflop / tm.median_s, ">=", 0.65,
                    f"issue #16: achieved GFLOP/s of the recipe's path over the {default} matmul ceiling of this run",
                    spread={**spread_of([gflop / t for t in tm.times_s]), "repeats": len(tm.times_s)})]
@@ -340,8 +359,8 @@ def _targets(cfg: Config, rows: list[dict], timings: dict, default: str, specs: 
     return out
 
 
-COLUMNS = ["variant", "precision", "path", "params", "ms_step", "img_s", "vs_stock_fp32", "vs_stock_fp32_spread", "gflop_step",
-           "achieved_gflops", "share_of_ceiling", "peak_rss_mb"]
+COLUMNS = ["variant", "precision", "path", "params", "ms_step", "img_s", "vs_stock_fp32", "vs_stock_fp32_spread",
+           "gflop_step", "achieved_gflops", "share_of_ceiling", "peak_rss_mb"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -126,7 +126,9 @@ class TrainConfig:
     loss_weighting: Literal["none", "min-snr"] = "none"  # min-snr: Hang et al. 2023, weight min(SNR, gamma) / SNR
     snr_gamma: float = 5.0
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: take the launcher's setting
-    channels_last: bool = False  # NHWC weights and batches (oneDNN's faster kernels; BENCHMARKS.md, issue #16)
+    # NHWC weights and batches; "auto": time a few steps of both layouts on this machine first and keep the faster
+    # (the winner depends on the CPU's oneDNN kernels: BENCHMARKS.md, issue #16); a resume keeps the run's choice
+    channels_last: bool | Literal["auto"] = False
     fused_optimizer: bool = False  # torch's fused AdamW (one kernel for every parameter)
     ema_decay: float = 0.9999  # diffusers EMAModel max decay
     ema_warmup: bool = True  # EMAModel warm-up: decay = 1 - (1 + step / inv_gamma) ** -power

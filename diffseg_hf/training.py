@@ -16,7 +16,9 @@ Determinism: batch k comes from `TrainBatches.iterate(k)`, its noise and timeste
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import statistics
 import math
 import os
 import signal
@@ -37,8 +39,8 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from .build import build_scheduler, build_unet
-from .checkpoints import (CHECKPOINT_PREFIX, OutputLock, OutputLocked, TrainingObjects, load_checkpoint,
-                          resolve_resume, save_checkpoint)
+from .checkpoints import (CHECKPOINT_PREFIX, STATE_FILE, OutputLock, OutputLocked, TrainingObjects,
+                          load_checkpoint, resolve_resume, save_checkpoint)
 from .data import TrainBatches, load_images
 from .errors import DiffsegError
 from .pipeline import save_pipeline
@@ -66,6 +68,7 @@ class TrainState:
     train_seconds: float = 0.0  # wall time of the training loop over all runs, up to the last checkpoint
     history: list = field(default_factory=list)  # (step, loss) at each log point
     horizons: list = field(default_factory=list)  # (step, horizon) at each train.lr_horizon=minutes (re-)fit
+    channels_last: bool | None = None  # the layout train.channels_last=auto chose (a resume keeps it: exact resume)
 
     @property
     def horizon(self) -> int | None:
@@ -74,17 +77,59 @@ class TrainState:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "images_seen": self.images_seen, "train_seconds": self.train_seconds,
-                "history": list(self.history), "horizons": list(self.horizons)}
+                "history": list(self.history), "horizons": list(self.horizons), "channels_last": self.channels_last}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.images_seen = state["step"], state["images_seen"]
         self.history = [tuple(h) for h in state["history"]]  # JSON gives lists back
         self.train_seconds = state.get("train_seconds", 0.0)
         self.horizons = [tuple(h) for h in state.get("horizons", [])]
+        self.channels_last = state.get("channels_last")
 
 
 CALIBRATION_STEPS = 30  # train.lr_horizon=minutes times steps 6..30 of a run (the first few are slow)
 REFIT_EVERY = 100  # then re-fits the horizon every 100 steps from this run's mean s/step (samples, checkpoints in)
+
+
+PROBE_STEPS = 3  # train.channels_last=auto: interleaved timed steps per layout, after one warm-up step each
+
+
+def probe_channels_last(unet: torch.nn.Module, scheduler, batch_shape: tuple[int, ...], *, fused: bool,
+                        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                        device: torch.device | str | None = None, steps: int = PROBE_STEPS) -> dict:
+    """Times training steps (eps-MSE, AdamW, under ``autocast``) of two copies of ``unet`` on one random batch of
+    ``batch_shape`` on ``device`` (default: the unet's): NCHW and channels_last (NHWC), interleaved so that load
+    drifts hit both; ``unet`` is left as it was. Which layout wins depends on the CPU and its oneDNN kernels
+    (BENCHMARKS.md, issue #16: NHWC is 1.17x faster in bf16 on one machine and 0.87x on another), so
+    train.channels_last=auto measures it on the machine that trains. Returns {"channels_last": NHWC's median step
+    is the shorter, "nchw_ms": [...], "nhwc_ms": [...]}.
+    """
+    device = device if device is not None else next(unet.parameters()).device
+    x = (torch.rand(batch_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+    arms = {}
+    for name, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
+        model = copy.deepcopy(unet).to(device=device, memory_format=fmt).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
+        arms[name] = (model, optimizer, x.contiguous(memory_format=fmt))
+
+    def step(name: str) -> float:
+        model, optimizer, batch = arms[name]
+        begin = time.perf_counter()
+        with autocast():
+            loss = diffusion_loss(model, scheduler, batch, torch.Generator().manual_seed(0))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # waits for the device
+        return (time.perf_counter() - begin) * 1e3
+
+    times = {"nchw_ms": [], "nhwc_ms": []}
+    for repeat in range(steps + 1):
+        for name in ("nchw", "nhwc") if repeat % 2 == 0 else ("nhwc", "nchw"):
+            ms = step(name)
+            if repeat:  # the first round warms up both
+                times[f"{name}_ms"].append(round(ms, 2))
+    return {"channels_last": statistics.median(times["nhwc_ms"]) < statistics.median(times["nchw_ms"]), **times}
 
 
 def _schedule(cfg, optimizer: torch.optim.Optimizer, horizon: int, step: int = 0):
@@ -175,8 +220,10 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup,
                    inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power, model_cls=type(unet), model_config=unet.config)
 
-    # 2. optimisation
-    if cfg.channels_last:
+    # 2. layout (train.channels_last=auto: measured here, kept by resumes), optimisation
+    channels_last, probe = _choose_layout(accelerator, cfg, unet, noise_scheduler, resume_from,
+                                          (cfg.batch_size, recipe.data.channels, *(recipe.data.resolution,) * 2))
+    if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, fused=cfg.fused_optimizer or None)
@@ -189,6 +236,9 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
     if resume_from is not None:
         load_checkpoint(resume_from, objects)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    if probe is not None:
+        state.channels_last = channels_last
+        state.train_seconds += probe["seconds"]  # the probe is spent from train.max_minutes too
     if state.horizon is not None:  # calibrated earlier in this run (train.lr_horizon=minutes)
         horizon, stop_at = state.horizon, min(stop_at, state.horizon)
         objects.lr_scheduler = lr_scheduler = _schedule(cfg, raw_optimizer, horizon, state.step)
@@ -220,7 +270,7 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
                 break
             for _ in range(accum):
                 clean = next(stream).to(accelerator.device)
-                if cfg.channels_last:
+                if channels_last:
                     clean = clean.contiguous(memory_format=torch.channels_last)
                 _seed_global_rng(cfg.seed, micro, rank)
                 with accelerator.accumulate(unet):
@@ -299,7 +349,7 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
                                      / max(elapsed, 1e-9), 2),
                "stopped_by": stopped_by, "lr_horizon_steps": horizon, "lr_horizon_fits": state.horizons,
                "last_lr": lr_scheduler.get_last_lr()[0], "last_loss": last_loss, "loss_history": state.history,
-               "rank_weight_checksums": checksums}
+               "channels_last": channels_last, "layout_probe": probe, "rank_weight_checksums": checksums}
     if accelerator.is_main_process:
         final = build_unet(recipe)
         ema.copy_to(final.parameters())
@@ -311,6 +361,28 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _choose_layout(accelerator: Accelerator, cfg, unet, noise_scheduler, resume_from: Path | None,
+                   batch_shape: tuple[int, ...]) -> tuple[bool, dict | None]:
+    """(channels_last, probe): train.channels_last as set, or for "auto" the layout the run chose before (a resume)
+    or `probe_channels_last` picks now. Every rank probes; all take the layout with the shorter summed median."""
+    if cfg.channels_last != "auto":
+        return cfg.channels_last, None
+    if resume_from is not None:
+        chosen = json.loads((resume_from / STATE_FILE).read_text())["progress"].get("channels_last")
+        if chosen is not None:
+            return chosen, None
+    begin = time.perf_counter()
+    probe = probe_channels_last(unet, noise_scheduler, batch_shape, fused=cfg.fused_optimizer,
+                                autocast=accelerator.autocast, device=accelerator.device)
+    medians = torch.tensor([[statistics.median(probe["nchw_ms"]), statistics.median(probe["nhwc_ms"])]],
+                           device=accelerator.device)
+    nchw, nhwc = accelerator.gather(medians).sum(0).tolist()
+    probe.update(channels_last=nhwc < nchw, seconds=round(time.perf_counter() - begin, 2))
+    accelerator.print(f"train.channels_last=auto: NCHW {nchw:.0f} ms/step, NHWC {nhwc:.0f} ms/step -> "
+                      f"{'channels_last' if nhwc < nchw else 'NCHW'} (probe {probe['seconds']:.1f} s)")
+    return probe["channels_last"], probe
 
 
 class _SigintFlag:

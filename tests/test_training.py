@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 
 from conftest import TINY_MODEL
+from diffseg_hf.build import build_scheduler, build_unet
 from diffseg_hf.errors import CheckpointError, DataError, RecipeError
 from diffseg_hf.models import load_unet
 from diffseg_hf.pipeline import load_model_and_scheduler
 from diffseg_hf.checkpoints import list_checkpoints
 from diffseg_hf.recipe import list_recipes, load_recipe
-from diffseg_hf.training import TrainingDiverged, TrainingInterrupted, train
+from diffseg_hf.training import TrainingDiverged, TrainingInterrupted, probe_channels_last, train
 
 TINY_TRAIN = TINY_MODEL + ["train.batch_size=4", "train.log_every=1", "train.warmup_steps=2",
                            "sample.num_images=2", "sample.steps=2", "data.max_images=64",
@@ -203,6 +204,43 @@ def test_channels_last_and_fused_adamw_keep_the_maths_and_exact_resume(tmp_path)
     train(load_recipe("fashion-cpu", fast), tmp_path / "resumed", resume="latest", progress=False)
     c = _raw_weights(tmp_path / "resumed" / "checkpoint-4")
     assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_probe_channels_last_times_both_layouts_and_leaves_the_model_as_it_was():
+    """The train.channels_last=auto probe: the stated number of interleaved steps per layout, the decision is the
+    shorter median, and the probed model keeps its weights and its NCHW layout (the probe trains copies)."""
+    recipe = load_recipe("fashion-cpu", TINY_MODEL)
+    unet, scheduler = build_unet(recipe), build_scheduler(recipe)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    probe = probe_channels_last(unet, scheduler, (2, 1, 16, 16), fused=True, steps=2)
+    assert len(probe["nchw_ms"]) == len(probe["nhwc_ms"]) == 2 and min(probe["nchw_ms"] + probe["nhwc_ms"]) > 0
+    assert probe["channels_last"] == (np.median(probe["nhwc_ms"]) < np.median(probe["nchw_ms"]))
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    assert all(p.is_contiguous() for p in unet.parameters())
+
+
+def test_channels_last_auto_probes_once_and_a_resume_keeps_its_choice(tmp_path):
+    """auto picks a layout by timing (either may win on this machine), records it in the summary and the
+    checkpoint, and a resume takes it from the checkpoint without probing again: 2 + 2 resumed steps equal a
+    straight 4-step run with that layout set explicitly, bit for bit."""
+    base = TINY_TRAIN + ["train.max_steps=4", "train.checkpoint_every=2", "train.mixed_precision=\"no\"",
+                         "train.fused_optimizer=true"]
+    auto = load_recipe("fashion-cpu", base + ["train.channels_last=auto"])
+    first = train(auto, tmp_path / "auto", max_steps=2, progress=False)
+    probe, chosen = first["layout_probe"], first["channels_last"]
+    assert isinstance(chosen, bool) and probe["channels_last"] == chosen and probe["seconds"] > 0
+    assert len(probe["nchw_ms"]) == len(probe["nhwc_ms"]) == 3
+    state = json.loads((tmp_path / "auto" / "checkpoint-2" / "training_state.json").read_text())
+    assert state["progress"]["channels_last"] == chosen
+    assert first["train_seconds_total"] >= probe["seconds"]  # the probe is spent from the budget
+    resumed = train(auto, tmp_path / "auto", resume="latest", progress=False)
+    assert resumed["layout_probe"] is None and resumed["channels_last"] == chosen
+    train(load_recipe("fashion-cpu", base + [f"train.channels_last={str(chosen).lower()}"]), tmp_path / "set",
+          progress=False)
+    a, b = _raw_weights(tmp_path / "auto" / "checkpoint-4"), _raw_weights(tmp_path / "set" / "checkpoint-4")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RecipeError, match="train.channels_last"):
+        load_recipe("fashion-cpu", ["train.channels_last=maybe"])
 
 
 def test_extend_with_max_steps_and_checkpoint_rotation(tmp_path):
