@@ -331,15 +331,17 @@ def target(name: str, value: float | None, op: str, threshold: float, note: str 
            spread: dict[str, Any] | None = None) -> dict[str, Any]:
     """One target entry: {"name", "value", "target", "met", "note", "spread", "reason"}; ``op`` is ">=", ">", "<="
     or "<". ``spread`` ({"min", "max", ...} of the value over repeats, e.g. a `speedup`): when max - min exceeds
-    the margin |value - threshold|, the repeats disagree about the verdict, so met is None and "reason" says why.
-    An unmeasured value (None) has met None too."""
+    the margin |value - threshold|, "met" is never printed: met is None and "reason" says why, unless even the
+    best repeat misses the target (then it is missed, met False). An unmeasured value (None) has met None too."""
     ops = {">=": float.__ge__, ">": float.__gt__, "<=": float.__le__, "<": float.__lt__}
     met, reason = None, "not measured"
     if value is not None:
         met, reason = bool(ops[op](float(value), float(threshold))), None
         width = None if spread is None else spread["max"] - spread["min"]
         if width is not None and width > abs(float(value) - float(threshold)):
-            met, reason = None, f"unclear (spread {width:.3g} > margin {abs(float(value) - float(threshold)):.3g})"
+            best_misses = not any(ops[op](float(spread[k]), float(threshold)) for k in ("min", "max"))
+            met, reason = (False, None) if best_misses else (
+                None, f"unclear (spread {width:.3g} > margin {abs(float(value) - float(threshold)):.3g})")
     shown = None if value is None else float(f"{float(value):.4g}")
     return {"name": name, "value": shown, "target": f"{op} {threshold:g}", "met": met, "note": note,
             "spread": _rounded(spread), "reason": reason}

@@ -3,7 +3,8 @@
 Layout: {"machine": ..., "quick": bool, "results": [one per benchmark],
          "targets": [{"name", "value", "target", "met", "note", "spread", "reason"}], "verdicts": {...}}.
 A ratio target carries its spread over the interleaved repeats; where the spread exceeds the margin between
-the value and the target, met is null and the table says "unclear (spread > margin)". Rows with target null are
+the value and the target, met is null and the table says "unclear (spread > margin)" (unless even the best
+repeat misses: then it is NO). Rows with target null are
 information ("info"). "machine" holds the load (load averages, other busy processes, torch threads) at the start.
 
     python bench/run.py --quick                      # all of them, small repeats (minutes on 2 cores)
