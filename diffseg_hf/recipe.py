@@ -448,7 +448,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 return _coerce(arg, value, path)
             except RecipeError as e:
                 errors.append(str(e))
-        raise RecipeError(errors[0] if len(errors) == 1 else f"{path}: expected {_name(tp)}, got {value!r}")
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{path}: expected {_choices(args)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise RecipeError(f"{path}: {value!r} is not one of {', '.join(map(str, args))}")
@@ -479,6 +479,14 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise RecipeError(f"{path}: expected a string, got {value!r}")
         return value
     raise AssertionError(f"unsupported recipe field type {tp!r} at {path}")
+
+
+def _choices(args: tuple) -> str:
+    """The values a union field takes, as a recipe writes them: "true, false or auto"."""
+    words = [w for a in args if a is not type(None) for w in (
+        ("true", "false") if a is bool else tuple(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal
+        else (_name(a),))]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
 def _name(tp: Any) -> str:
