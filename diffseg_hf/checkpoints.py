@@ -198,6 +198,16 @@ def resolve_resume(output_dir: Path, resume: str | None, log: Callable[[str], No
 # 3. loading
 
 
+def checkpoint_progress(folder: Path) -> dict:
+    """The progress state_dict a verified checkpoint holds (what `load_checkpoint` gives `objects.progress`), read
+    without loading anything else: what a run must know before it builds its objects (e.g. its layout)."""
+    try:
+        return json.loads((folder / STATE_FILE).read_text())["progress"]
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{folder}: cannot resume ({str(e).splitlines()[0]}); pick another "
+                              f"{CHECKPOINT_PREFIX}N with --resume, or start fresh") from None
+
+
 def load_checkpoint(folder: Path, objects: TrainingObjects) -> None:
     """Load a verified checkpoint into `objects` (on every process); no file is unpickled."""
     try:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import statistics
 import math
 import os
 import signal
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,7 +39,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from .build import build_scheduler, build_unet
-from .checkpoints import (CHECKPOINT_PREFIX, STATE_FILE, OutputLock, OutputLocked, TrainingObjects,
+from .checkpoints import (CHECKPOINT_PREFIX, OutputLock, OutputLocked, TrainingObjects, checkpoint_progress,
                           load_checkpoint, resolve_resume, save_checkpoint)
 from .data import TrainBatches, load_images
 from .errors import DiffsegError
@@ -370,7 +370,7 @@ def _choose_layout(accelerator: Accelerator, cfg, unet, noise_scheduler, resume_
     if cfg.channels_last != "auto":
         return cfg.channels_last, None
     if resume_from is not None:
-        chosen = json.loads((resume_from / STATE_FILE).read_text())["progress"].get("channels_last")
+        chosen = checkpoint_progress(resume_from).get("channels_last")
         if chosen is not None:
             return chosen, None
     begin = time.perf_counter()
