@@ -294,7 +294,7 @@ def test_quality_budget_tiny_trains_both_arms_for_the_budget_and_scores_them(tmp
     torch.manual_seed(0)
     net_dir = save_feature_net(tmp_path / "net", FeatureNet(32, 1, 10, num_features=16, widths=(8, 16),
                                                             dataset_name="fashion-mnist"))
-    # 9 s: the ours arm's train.channels_last=auto probe (about 4 s here) is spent from its budget too
+    # 9 s: room for a few steps of each arm at this size (the layout is probed once, in the step-time probe)
     cfg = replace(quality_budget.QUICK, minutes=0.15, num_samples=12, num_real=24, steps=2, probe_steps=4,
                   grid_images=4, feature_net=str(net_dir), overrides=TINY + ("data.max_images=256",))
     res = quality_budget.run(cfg, tmp_path / "out")
@@ -305,6 +305,9 @@ def test_quality_budget_tiny_trains_both_arms_for_the_budget_and_scores_them(tmp
         assert row["stopped_by"] in ("max_minutes", "max_steps") and row["steps"] >= 1 and row["fid"] > 0
         assert row["train_min"] < cfg.minutes + 0.1  # the budget is a hard stop
         assert (tmp_path / "out" / f"{arm}-grid.png").is_file()
+        probe = json.loads((tmp_path / "out" / f"{arm}-probe.json").read_text())
+        summary = json.loads((tmp_path / "out" / arm / "train_summary.json").read_text())
+        assert summary["channels_last"] == probe["channels_last"] and summary["layout_probe"] is None  # pinned
     (t,) = res["targets"]
     assert t["name"] == "quality_budget.fid_ours_over_stock" and t["target"] == "<= 0.5"
     assert abs(t["value"] - rows["ours"]["fid"] / rows["stock"]["fid"]) < 1e-3
