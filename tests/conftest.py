@@ -13,7 +13,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only add c
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# tiny model overrides shared by the recipe smoke tests: (8, 16) channels, one layer, 16x16 attention
+# tiny model overrides shared by the recipe smoke tests: (8, 16) channels, one layer, 16x16 attention; and a
+# fixed memory layout
 TINY_MODEL = ["model.block_out_channels=[8,16]", "model.layers_per_block=1", "model.attention_resolutions=[16]",
               "model.norm_num_groups=4", "model.attention_head_dim=8",
               # a fixed layout: train.channels_last=auto times both and may pick either, so two fresh runs could
