@@ -203,11 +203,12 @@ def _status_kb(key: str) -> int | None:
 
 
 def peak_rss_mb() -> float:
-    """High-water RSS of this process in MiB (VmHWM; ru_maxrss where /proc is missing)."""
+    """High-water RSS of this process in MiB (VmHWM; ru_maxrss where /proc is missing). The kernel updates VmHWM
+    lazily, so right after `reset_peak_rss` it can sit below the current VmRSS: the peak is the larger of the two."""
     kb = _status_kb("VmHWM")
     if kb is None:
         kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kb / 1024, 1)
+    return round(max(kb, _status_kb("VmRSS") or 0) / 1024, 1)
 
 
 def reset_peak_rss() -> bool:

@@ -144,7 +144,11 @@ def _memory_start(device: torch.device) -> float:
 
 def _memory_peak(device: torch.device, start_mb: float) -> float | None:
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
-    return None if start_mb != start_mb else round(peak - start_mb, 1)  # NaN: no per-row peak on this system
+    if start_mb != start_mb:  # NaN: no per-row peak on this system
+        return None
+    # on CPU the start is VmRSS read just after the high-water reset, which a row that allocates nothing new can
+    # leave a page above the later peak: a row's peak above its start is never negative
+    return round(max(peak - start_mb, 0.0), 1)
 
 
 def prepare(arm: Arm, device: torch.device) -> None:
