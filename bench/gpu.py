@@ -18,7 +18,7 @@ Every arm is built and run twice before timing (the first call compiles where co
 optimizer, batch and activations); on CPU the VmHWM above the RSS before the row. A time guard (`--minutes`)
 skips what would not fit: a row, a section, or the repeats of a section (cut to what fits).
 fp16 training steps use a GradScaler, as accelerate does; "resnet-amp-attn" is ours with diffusers' attention
-processor (attention in the autocast precision, as in stock) instead of the default fp32 attention. Compiled
+processor (attention in the autocast precision, as in stock) instead of the default (fp32 attention on CUDA). Compiled
 rows record torch._dynamo's graphs and graph breaks while compiling, and graphs compiled while timing (> 0: a
 recompile was timed).
 """
@@ -49,7 +49,7 @@ from diffseg_hf.schedule import sampling_scheduler
 
 VARIANTS = {
     "stock": "diffusers UNet2DModel at the recipe's layout",
-    "resnet": "ours (DiffsegUNet2DModel); attention in fp32 under autocast (FP32AttnProcessor, the default)",
+    "resnet": "ours (DiffsegUNet2DModel); attention in fp32 under CUDA autocast (MixedPrecisionAttnProcessor, the default)",
     "resnet-amp-attn": "ours with diffusers' AttnProcessor2_0: attention in the autocast precision, as stock",
 }
 DEFAULT_JSON = REPO_ROOT / "runs" / "bench" / "gpu-{device}.json"

@@ -173,12 +173,48 @@ class FP32AttnProcessor(AttnProcessor2_0):
             return super().__call__(attn, hidden_states.float(), *args, **kwargs)
 
 
+class MixedPrecisionAttnProcessor:
+    """The UNet's self-attention under mixed precision: on CPU, bf16 matmuls around a float32 softmax.
+
+    Under CPU autocast, group norm and the softmax run in float32; q/k/v, QK^T, PV and the output projection run
+    in the autocast dtype, as autocast runs every other matmul. torch's bf16 SDPA is about 4x slower than float32
+    on CPU, and its float32 flash kernel is what this replaces: the default training step ran 1.18x faster
+    (BENCHMARKS.md, `experiments/attention_ab.py`). Elsewhere it is FP32AttnProcessor: without autocast that is
+    diffusers' SDPA processor unchanged, and under CUDA autocast attention stays in float32 (not measured on GPU).
+    """
+
+    _fallback = FP32AttnProcessor()
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
+        if (hidden_states.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or hidden_states.ndim != 4
+                or encoder_hidden_states is not None or attention_mask is not None or attn.spatial_norm is not None):
+            return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        residual = hidden_states
+        b, c, h, w = hidden_states.shape
+        x = hidden_states.reshape(b, c, h * w)
+        if attn.group_norm is not None:
+            with torch.autocast("cpu", enabled=False):
+                x = attn.group_norm(x.float())
+        x = x.transpose(1, 2)  # (B, HW, C)
+        q, k, v = (proj(x).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, heads, HW, head_dim)
+                   for proj in (attn.to_q, attn.to_k, attn.to_v))
+        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, heads, HW, HW), autocast dtype
+        with torch.autocast("cpu", enabled=False):
+            probs = (scores.float() * attn.scale).softmax(-1).to(v.dtype)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, h * w, -1)
+        out = attn.to_out[1](attn.to_out[0](out)).transpose(1, 2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
 def _attention(channels: int, head_dim: int | None, groups: int, eps: float) -> Attention:
     head_dim = head_dim or channels
     # the same module diffusers' AttnDownBlock2D builds, so state dicts match the stock UNet2DModel
     return Attention(channels, heads=channels // head_dim, dim_head=head_dim, eps=eps, norm_num_groups=groups,
                      residual_connection=True, bias=True, upcast_softmax=True, _from_deprecated_attn_block=True,
-                     processor=FP32AttnProcessor())
+                     processor=MixedPrecisionAttnProcessor())
 
 
 class _Block(nn.Module):
