@@ -63,7 +63,10 @@ class _DepthwiseConv2d(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.conv2d(g, weight.flip(-1, -2), padding=k - 1 - p, groups=c)
         if ctx.needs_input_grad[1]:
-            x_pad = F.pad(x, (p, p, p, p)).reshape(1, b * c, h + 2 * p, w + 2 * p)
+            # zero-padded and NCHW-contiguous in one copy: in channels_last, F.pad then reshape costs two
+            x_pad = x.new_zeros(b, c, h + 2 * p, w + 2 * p)
+            x_pad[:, :, p:p + h, p:p + w] = x
+            x_pad = x_pad.view(1, b * c, h + 2 * p, w + 2 * p)
             grad_w = F.conv2d(x_pad, g.reshape(b * c, 1, h, w), groups=b * c)
             grad_w = grad_w.reshape(b, c, k, k).sum(0, dtype=torch.float32).unsqueeze(1)
         if ctx.has_bias and ctx.needs_input_grad[2]:
