@@ -67,7 +67,8 @@ def fit_conv_head(features: torch.Tensor, masks: torch.Tensor, *, num_classes: i
     torch.manual_seed(options.seed)  # dropout masks
     generator = torch.Generator().manual_seed(options.seed)
     model = ConvReadoutModel(in_features=d, num_classes=num_classes, width=options.conv_width,
-                             dropout=options.conv_dropout, standardize=options.standardize, vote=options.vote,
+                             dilations=options.conv_dilations, dropout=options.conv_dropout,
+                             standardize=options.standardize, vote=options.vote,
                              **protocol.to_dict())
     if options.standardize:
         rows = features.permute(0, 2, 3, 1).reshape(-1, d)  # (N*H*W, D), a view

@@ -34,6 +34,7 @@ class ReadoutConfig:
     memory_mb: float = 512.0  # cap on stored features (float16): the pixel store, or the conv head's maps
     # conv
     conv_width: int = 64
+    conv_dilations: tuple[int, ...] = (1, 2, 4)  # one residual depthwise 3x3 mixer per dilation: the receptive field
     conv_steps: int = 600
     conv_lr: float = 2e-3
     conv_batch_size: int = 8  # images per step
@@ -55,6 +56,10 @@ class ReadoutConfig:
                      "self_train_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"readout {name}={getattr(self, name)} must be >= 1")
+        if not self.conv_dilations or any(int(d) < 1 for d in self.conv_dilations):
+            raise ValueError(f"readout conv_dilations={list(self.conv_dilations)} must be a non-empty list of "
+                             "integers >= 1, e.g. [1, 2, 4]")
+        object.__setattr__(self, "conv_dilations", tuple(int(d) for d in self.conv_dilations))
         if self.self_train_rounds < 0:
             raise ValueError(f"readout self_train_rounds={self.self_train_rounds} must be >= 0")
         if self.self_train_rounds and self.head != "conv":

@@ -109,6 +109,40 @@ def test_conv_head_standardises_with_labelled_pixels_and_learns_a_separable_task
     assert (labels[:, 2:] == masks[:, 2:]).float().mean() > 0.9
 
 
+def test_conv_dilations_set_the_conv_heads_receptive_field_and_survive_save_and_load(tmp_path):
+    """conv_dilations (d1, d2, ...): one residual 3x3 mixer per dilation, so (GroupNorm's image-wide statistics
+    aside) a pixel's logits see features up to sum(d) pixels away, exactly that far and no further."""
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(2, 3, 40, 40, generator=g)
+    masks = (feats[:, 0] > 0).long()
+    for dilations, reach in (((1, 2, 4), 7), ((1, 2, 4, 8), 15)):
+        options = ReadoutConfig(head="conv", conv_dilations=dilations, conv_steps=3, conv_width=8)
+        head = fit_conv_head(feats, masks, num_classes=2, protocol=FeatureProtocol(), options=options)
+        assert [m[0].dilation for m in head.mixers] == [(d, d) for d in dilations]
+        local = ConvReadoutModel(in_features=3, num_classes=2, width=8, dilations=dilations, standardize=False)
+        local.load_state_dict(head.state_dict(), strict=False)
+        local.stem[1] = torch.nn.Identity()  # GroupNorm's statistics span the image; the convolutions do not
+        for mixer in local.mixers:
+            mixer[2] = torch.nn.Identity()
+        poked = feats.clone()
+        poked[:, :, 20, 20] += 10.0  # one feature vector changes
+        with torch.no_grad():
+            changed = (local.eval()(poked) - local(feats)).abs().amax((0, 1)) > 0  # (H, W)
+        rows, cols = changed.nonzero().T
+        assert rows.min() == cols.min() == 20 - reach and rows.max() == cols.max() == 20 + reach
+        save_head(tmp_path / str(reach), head, {"features": FeatureProtocol().to_dict(),
+                                                 "fit": options.to_dict()})
+        again, config = load_head(tmp_path / str(reach))
+        assert tuple(again.config["dilations"]) == dilations
+        assert ReadoutConfig.from_dict(config["fit"]) == options
+        with torch.no_grad():
+            assert torch.equal(again(feats), head.eval()(feats))
+    for bad in ((), (0, 2)):
+        with pytest.raises(ValueError, match=r"conv_dilations=.* must be a non-empty list of integers >= 1"):
+            ReadoutConfig(head="conv", conv_dilations=bad)
+    assert ReadoutConfig(**SegmentConfig(conv_dilations=[1, 2, 4, 8]).readout_options()).conv_dilations == (1, 2, 4, 8)
+
+
 # the conv head round trip --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def unet():
