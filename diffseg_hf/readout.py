@@ -33,7 +33,7 @@ from .remote.pipeline_diffseg_segmentation import FeatureProtocol
 from .remote.pixel_ensemble import ConvReadoutModel
 from .supervised import random_shift
 
-__all__ = ["READOUT_HEADS", "ReadoutConfig", "CONV_ARCHITECTURE", "soft_dice_loss", "fit_conv_head", "pseudo_labels",
+__all__ = ["READOUT_HEADS", "ReadoutConfig", "CONV_ARCHITECTURE", "soft_dice_loss", "fit_conv_head", "stack_conv_members", "pseudo_labels",
            "self_train_conv_head", "save_head", "load_head"]
 
 # ------------------------------------------------------------------------------------------ the conv head
@@ -58,7 +58,45 @@ def fit_conv_head(features: torch.Tensor, masks: torch.Tensor, *, num_classes: i
     with probability 1/2; ``options.conv_max_shift`` adds random translations (uncovered labels become ignore).
     ``sample_weights`` (N,): images are drawn with these relative probabilities (default: uniformly).
     Standardisation statistics come from the labelled pixels of ``features`` only.
-    AdamW with a 5% warm-up and cosine decay over ``options.conv_steps`` steps."""
+    AdamW with a 5% warm-up and cosine decay over ``options.conv_steps`` steps.
+    ``options.conv_members`` K > 1: K members fitted one after another with seeds seed * K + k (so the member sets
+    of two classifier seeds never overlap; member 0 of seed 0 is the one-member head), joined by
+    `stack_conv_members`."""
+    k = options.conv_members
+    members = [_fit_conv_member(features, masks, num_classes=num_classes, protocol=protocol,
+                                options=replace(options, seed=options.seed * k + i), mirrored=mirrored,
+                                ignore_index=ignore_index, sample_weights=sample_weights, progress=progress)
+               for i in range(k)]
+    return members[0] if k == 1 else stack_conv_members(members)
+
+
+def stack_conv_members(members: list[ConvReadoutModel]) -> ConvReadoutModel:
+    """One `ConvReadoutModel` with ``num_members = len(members)`` that computes each one-member head's logits
+    exactly (float tolerance) as a grouped network; the members must share their architecture and feature
+    statistics (they do when fitted on the same labelled maps)."""
+    config = dict(members[0].config)
+    if any(m.config.num_members != 1 for m in members) or any(
+            {**m.config, "training_config": None} != {**config, "training_config": None} for m in members):
+        raise ValueError("stack_conv_members needs one-member heads of one architecture and feature protocol")
+    stacked = ConvReadoutModel(**{**{k: v for k, v in config.items() if not k.startswith("_")},
+                                  "num_members": len(members)})
+    states = [m.state_dict() for m in members]
+    merged = {}
+    for name, value in states[0].items():
+        if name in ("feature_mean", "feature_std"):
+            if any(not torch.equal(s[name], value) for s in states):
+                raise ValueError("stack_conv_members: the members' feature statistics differ; fit them on the same "
+                                 "labelled maps")
+            merged[name] = value
+        else:  # every parameter is member-major along dim 0 (grouped convs, GroupNorm affine)
+            merged[name] = torch.cat([s[name] for s in states])
+    stacked.load_state_dict(merged)
+    return stacked.eval()
+
+
+def _fit_conv_member(features: torch.Tensor, masks: torch.Tensor, *, num_classes: int, protocol: FeatureProtocol,
+                     options: ReadoutConfig, mirrored: torch.Tensor | None, ignore_index: int,
+                     sample_weights: torch.Tensor | None, progress: bool) -> ConvReadoutModel:
     n, d = features.shape[:2]
     masks = masks.long()
     labelled = masks != ignore_index  # (N, H, W)
@@ -155,7 +193,8 @@ def self_train_conv_head(features: torch.Tensor, masks: torch.Tensor, unlabeled:
 
 # ------------------------------------------------------------------------------------------ save / load
 # the config keys of a ConvReadoutModel that define its architecture (the protocol keys are stored beside)
-CONV_ARCHITECTURE = ("in_features", "num_classes", "width", "dilations", "dropout", "standardize", "vote")
+CONV_ARCHITECTURE = ("in_features", "num_classes", "width", "dilations", "dropout", "standardize", "vote",
+                     "num_members")
 
 
 def save_head(directory: str | Path, head: PixelEnsemble | ConvReadoutModel, config: dict) -> Path:

@@ -34,6 +34,7 @@ class ReadoutConfig:
     memory_mb: float = 512.0  # cap on stored features (float16): the pixel store, or the conv head's maps
     # conv
     conv_width: int = 64
+    conv_members: int = 1  # conv heads fitted with different seeds, their softmax averaged
     conv_dilations: tuple[int, ...] = (1, 2, 4)  # one residual depthwise 3x3 mixer per dilation: the receptive field
     conv_steps: int = 600
     conv_lr: float = 2e-3
@@ -52,8 +53,8 @@ class ReadoutConfig:
             raise ValueError(f"unknown readout head {self.head!r}; choose from {', '.join(READOUT_HEADS)}")
         if self.vote not in VOTES:
             raise ValueError(f"unknown vote {self.vote!r}; choose from {', '.join(VOTES)}")
-        for name in ("num_members", "batch_size", "max_epochs", "conv_width", "conv_steps", "conv_batch_size",
-                     "self_train_steps"):
+        for name in ("num_members", "batch_size", "max_epochs", "conv_width", "conv_members", "conv_steps",
+                     "conv_batch_size", "self_train_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"readout {name}={getattr(self, name)} must be >= 1")
         if not self.conv_dilations or any(int(d) < 1 for d in self.conv_dilations):

@@ -207,6 +207,7 @@ class SegmentConfig:
     min_epochs: int = 4
     memory_mb: float = 512.0  # cap on stored features (float16): the MLPs' pixel store or the conv head's maps
     conv_width: int = 64
+    conv_members: int = 1  # conv heads with different seeds, soft-voted
     conv_dilations: tuple[int, ...] = (1, 2, 4)  # the conv head's mixers: receptive field 1 + 2 * sum = 15 px
     conv_steps: int = 600
     conv_lr: float = 2e-3
@@ -251,8 +252,8 @@ class SegmentConfig:
     def readout_options(self) -> dict[str, Any]:
         """The keys of `diffseg_hf.readout.ReadoutConfig` (head and fit options), as a dict."""
         names = ("head", "vote", "standardize", "seed", "num_members", "batch_size", "lr", "max_epochs", "patience",
-                 "min_epochs", "memory_mb", "conv_width", "conv_dilations", "conv_steps", "conv_lr", "conv_batch_size", "conv_dropout",
-                 "conv_max_shift", "dice_weight", "self_train_rounds", "pseudo_threshold", "pseudo_share",
+                 "min_epochs", "memory_mb", "conv_width", "conv_members", "conv_dilations", "conv_steps", "conv_lr",
+                 "conv_batch_size", "conv_dropout", "conv_max_shift", "dice_weight", "self_train_rounds", "pseudo_threshold", "pseudo_share",
                  "self_train_steps")
         return {name: getattr(self, name) for name in names}
 

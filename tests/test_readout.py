@@ -21,7 +21,7 @@ from diffseg_hf.export import save_segmentation_pipeline
 from diffseg_hf.features import FeatureExtractor
 from diffseg_hf.pipeline import save_pipeline
 from diffseg_hf.pixel_classifier import feature_statistics, fit_ensemble
-from diffseg_hf.readout import ReadoutConfig, fit_conv_head, load_head, save_head
+from diffseg_hf.readout import ReadoutConfig, fit_conv_head, load_head, save_head, stack_conv_members
 from diffseg_hf.recipe import SEGMENT_PRESETS, SegmentConfig, load_recipe
 from diffseg_hf.errors import RecipeError
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
@@ -143,6 +143,38 @@ def test_conv_dilations_set_the_conv_heads_receptive_field_and_survive_save_and_
     assert ReadoutConfig(**SegmentConfig(conv_dilations=[1, 2, 4, 8]).readout_options()).conv_dilations == (1, 2, 4, 8)
 
 
+def test_conv_members_are_independently_fitted_heads_run_as_one_grouped_network():
+    """conv_members K: member k is the one-member head fitted with seed seed * K + k, exactly; the stacked
+    network's softmax is the members' mean softmax; two classifier seeds share no member."""
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(3, 6, 12, 12, generator=g)
+    masks = (feats[:, 0] > 0).long() + (feats[:, 1] > 1).long()
+    options = ReadoutConfig(head="conv", conv_members=3, conv_steps=6, conv_width=16, seed=1)
+    head = fit_conv_head(feats, masks, num_classes=3, protocol=FeatureProtocol(), options=options)
+    singles = [fit_conv_head(feats, masks, num_classes=3, protocol=FeatureProtocol(),
+                             options=replace(options, conv_members=1, seed=3 + k)) for k in range(3)]
+    with torch.no_grad():
+        members = head.member_logits(feats)  # (K, N, H, W, C)
+        assert members.shape == (3, 3, 12, 12, 3)
+        for k, single in enumerate(singles):
+            assert torch.allclose(members[k], single.member_logits(feats)[0], atol=1e-5)
+        mean = torch.stack([s(feats).softmax(1) for s in singles]).mean(0)
+        assert torch.allclose(head(feats).softmax(1), mean, atol=1e-6)
+        assert not torch.allclose(members[0], members[1], atol=1e-3)  # the members differ
+    assert sum(p.numel() for p in head.parameters()) == 3 * sum(p.numel() for p in singles[0].parameters())
+    seed0 = fit_conv_head(feats, masks, num_classes=3, protocol=FeatureProtocol(), options=replace(options, seed=0))
+    with torch.no_grad():  # seed 0 uses members 0-2, seed 1 members 3-5
+        assert not any(torch.allclose(seed0.member_logits(feats)[i], members[j], atol=1e-3)
+                       for i in range(3) for j in range(3))
+    wider = fit_conv_head(feats, masks, num_classes=3, protocol=FeatureProtocol(),
+                          options=replace(options, conv_members=1, conv_width=8))
+    with pytest.raises(ValueError, match="one-member heads of one architecture"):
+        stack_conv_members([singles[0], wider])
+    with pytest.raises(ValueError, match="conv_members=0 must be >= 1"):
+        ReadoutConfig(head="conv", conv_members=0)
+    assert ReadoutConfig(**SegmentConfig(conv_members=4).readout_options()).conv_members == 4
+
+
 # the conv head round trip --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def unet():
@@ -157,15 +189,18 @@ def data():
     return SegmentationSet(images, masks, ("background", "shirt", "shoe"))
 
 
-def test_conv_head_saves_reloads_bit_identically_and_exports(tmp_path, unet, data, monkeypatch):
+@pytest.mark.parametrize("members", [1, 2])
+def test_conv_head_saves_reloads_bit_identically_and_exports(tmp_path, unet, data, monkeypatch, members):
     monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     save_pipeline(tmp_path / "ddpm", unet, scheduler)
     protocol = FeatureProtocol(timesteps=(5, 50), flip=True)
-    readout = ReadoutConfig(head="conv", vote="soft", standardize=True, conv_steps=30, conv_width=8)
+    readout = ReadoutConfig(head="conv", vote="soft", standardize=True, conv_steps=30, conv_width=8,
+                            conv_members=members)
     seg, stats = fit_segmenter(unet, scheduler, data, model_location=str(tmp_path / "ddpm"), protocol=protocol,
                                readout=readout)
     assert isinstance(seg.head, ConvReadoutModel) and stats["feature_dim"] == (16 + 8) * 2
+    assert seg.head.config.num_members == members
     seg.save(tmp_path / "fit")
     head, config = load_head(tmp_path / "fit")
     assert isinstance(head, ConvReadoutModel) and config == json.loads(json.dumps(seg.config))

@@ -236,10 +236,12 @@ class PixelEnsembleModel(_ReadoutHead, ModelMixin, ConfigMixin):
 
 
 class ConvReadoutModel(_ReadoutHead, ModelMixin, ConfigMixin):
-    """A convolutional readout over the whole feature map (context across pixels), one member:
+    """A convolutional readout over the whole feature map (context across pixels), per member:
     [standardise] -> channel dropout -> 1x1 conv D -> width, GroupNorm, SiLU -> per dilation d: residual
     (depthwise 3x3 conv with dilation d, 1x1 conv, GroupNorm, SiLU) -> 1x1 conv -> C logits.
-    The feature-protocol keys are those of `PixelEnsembleModel`."""
+    ``num_members`` K > 1 runs K independently fitted members side by side as one grouped network (member k owns
+    channels [k * width, (k + 1) * width)); `diffseg_hf.readout.stack_conv_members` builds it from K one-member
+    heads. The feature-protocol keys are those of `PixelEnsembleModel`."""
 
     @register_to_config
     def __init__(
@@ -259,27 +261,41 @@ class ConvReadoutModel(_ReadoutHead, ModelMixin, ConfigMixin):
         vote: str = "soft",
         class_names: list[str] | None = None,
         training_config: dict | None = None,
+        num_members: int = 1,
     ):
         super().__init__()
         if standardize:
             add_standardization(self, in_features)
-        groups = 8 if width % 8 == 0 else 1
+        k, wide = num_members, num_members * width
+        groups = k * (8 if width % 8 == 0 else 1)  # GroupNorm groups never straddle two members
         self.feature_dropout = nn.Dropout2d(dropout)
-        self.stem = nn.Sequential(nn.Conv2d(in_features, width, 1), nn.GroupNorm(groups, width), nn.SiLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_features, wide, 1), nn.GroupNorm(groups, wide), nn.SiLU())
         self.mixers = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(width, width, 3, padding=d, dilation=d, groups=width), nn.Conv2d(width, width, 1),
-                          nn.GroupNorm(groups, width), nn.SiLU())
+            nn.Sequential(nn.Conv2d(wide, wide, 3, padding=d, dilation=d, groups=wide),
+                          nn.Conv2d(wide, wide, 1, groups=k), nn.GroupNorm(groups, wide), nn.SiLU())
             for d in dilations
         )
-        self.head = nn.Conv2d(width, num_classes, 1)
+        self.head = nn.Conv2d(wide, k * num_classes, 1, groups=k)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits (N, C, H, W) of features (N, D, H, W)."""
-        h = self.stem(self.feature_dropout(standardize(self, features, 1)))  # (N, width, H, W)
+    def _member_maps(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (N, K * C, H, W), member-major, of features (N, D, H, W)."""
+        h = self.stem(self.feature_dropout(standardize(self, features, 1)))  # (N, K * width, H, W)
         for mixer in self.mixers:
             h = h + mixer(h)
         return self.head(h)
 
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Scores (N, C, H, W) of features (N, D, H, W) whose softmax is the members' mean softmax: one member's
+        logits, or the log of the K members' mean probabilities."""
+        logits = self._member_maps(features)
+        k = self.config.num_members
+        if k == 1:
+            return logits
+        n, _, h, w = logits.shape
+        return logits.view(n, k, -1, h, w).softmax(2).mean(1).log()
+
     def member_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """(1, N, H, W, C) of features (N, D, H, W)."""
-        return self(features).permute(0, 2, 3, 1)[None]
+        """(K, N, H, W, C) of features (N, D, H, W)."""
+        logits = self._member_maps(features)
+        n, _, h, w = logits.shape
+        return logits.view(n, self.config.num_members, -1, h, w).permute(1, 0, 3, 4, 2)
