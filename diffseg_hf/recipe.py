@@ -253,8 +253,8 @@ class SegmentConfig:
         """The keys of `diffseg_hf.readout.ReadoutConfig` (head and fit options), as a dict."""
         names = ("head", "vote", "standardize", "seed", "num_members", "batch_size", "lr", "max_epochs", "patience",
                  "min_epochs", "memory_mb", "conv_width", "conv_members", "conv_dilations", "conv_steps", "conv_lr",
-                 "conv_batch_size", "conv_dropout", "conv_max_shift", "dice_weight", "self_train_rounds", "pseudo_threshold", "pseudo_share",
-                 "self_train_steps")
+                 "conv_batch_size", "conv_dropout", "conv_max_shift", "dice_weight", "self_train_rounds",
+                 "pseudo_threshold", "pseudo_share", "self_train_steps")
         return {name: getattr(self, name) for name in names}
 
 
