@@ -33,8 +33,8 @@ from .remote.pipeline_diffseg_segmentation import FeatureProtocol
 from .remote.pixel_ensemble import ConvReadoutModel
 from .supervised import random_shift
 
-__all__ = ["READOUT_HEADS", "ReadoutConfig", "CONV_ARCHITECTURE", "soft_dice_loss", "fit_conv_head", "stack_conv_members",
-           "pseudo_labels", "self_train_conv_head", "save_head", "load_head"]
+__all__ = ["READOUT_HEADS", "ReadoutConfig", "CONV_ARCHITECTURE", "soft_dice_loss", "fit_conv_head",
+           "stack_conv_members", "pseudo_labels", "self_train_conv_head", "save_head", "load_head"]
 
 # ------------------------------------------------------------------------------------------ the conv head
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
