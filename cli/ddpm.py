@@ -69,10 +69,11 @@ def sample_cmd(
     out: Path = typer.Option(Path("samples.png"), "--out", help="PNG grid; raw uint8 images go beside it as .npz"),
 ) -> None:
     """Sample images from a trained DDPM and write a PNG grid plus the raw images."""
-    from diffseg_hf.pipeline import load_model_and_scheduler
+    from diffseg_hf.pipeline import check_can_sample, load_model_and_scheduler
     from diffseg_hf.sampling import grid_caption, sample, save_grid, save_samples
     from diffseg_hf.schedule import sampling_scheduler
 
+    check_can_sample(model)
     unet, train_scheduler = load_model_and_scheduler(model)
     sampler = sampling_scheduler(train_scheduler, scheduler)
     steps = steps or (50 if scheduler == "ddim" else None)

@@ -125,6 +125,11 @@ class TrainConfig:
     lr_horizon: Literal["steps", "minutes"] = "steps"
     loss_weighting: Literal["none", "min-snr"] = "none"  # min-snr: Hang et al. 2023, weight min(SNR, gamma) / SNR
     snr_gamma: float = 5.0
+    # a feature backbone: draw the training timesteps of a max_timestep_share of the images from [0, max_timestep)
+    # instead of the whole range (None: uniform over every timestep). The readout reads small t (segment.timesteps);
+    # share 1 trains no larger t, so the model cannot sample from noise (BENCHMARKS.md, "Training timesteps")
+    max_timestep: int | None = None
+    max_timestep_share: float = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: take the launcher's setting
     # NHWC weights and batches; "auto": time a few steps of both layouts on this machine first and keep the faster
     # (the winner depends on the CPU's oneDNN kernels: BENCHMARKS.md, issue #16); a resume keeps the run's choice
@@ -144,6 +149,10 @@ class TrainConfig:
         if self.lr_horizon == "minutes" and self.max_minutes is None:
             raise RecipeError("train.lr_horizon=minutes needs a budget: set train.max_minutes (or use "
                               "train.lr_horizon=steps)")
+        if self.max_timestep is not None and self.max_timestep < 1:
+            raise RecipeError(f"train.max_timestep={self.max_timestep} must be >= 1 (or null: every timestep)")
+        if not 0.0 < self.max_timestep_share <= 1.0:
+            raise RecipeError(f"train.max_timestep_share={self.max_timestep_share} must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -268,6 +277,25 @@ class Recipe:
     sample: SampleConfig = field(default_factory=SampleConfig)
     segment: SegmentConfig | None = None  # segmentation recipes only
     name: str = "custom"  # the file's stem unless the file says otherwise
+
+    def __post_init__(self) -> None:
+        top, steps = self.train.max_timestep, self.scheduler.num_train_timesteps
+        if top is not None and top > steps:
+            raise RecipeError(f"train.max_timestep={top} exceeds scheduler.num_train_timesteps={steps}; lower it "
+                              "or set it to null")
+        if self.segment is not None and top is not None and self.train.max_timestep_share >= 1.0:
+            late = [t for t in self.segment.timesteps if t >= top]
+            if late:
+                raise RecipeError(f"segment.timesteps {late} are >= train.max_timestep={top}, where a DDPM trained "
+                                  "with train.max_timestep_share=1 never learned; read smaller timesteps or raise "
+                                  "train.max_timestep")
+
+    @property
+    def can_sample(self) -> bool:
+        """False for a feature backbone that never trains the noisiest timesteps (train.max_timestep below
+        scheduler.num_train_timesteps with train.max_timestep_share=1): it cannot denoise from pure noise."""
+        top, share = self.train.max_timestep, self.train.max_timestep_share
+        return top is None or share < 1.0 or top >= self.scheduler.num_train_timesteps
 
     @property
     def global_batch_size(self) -> int:

@@ -147,15 +147,30 @@ def _seed_global_rng(seed: int, micro_step: int, rank: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, micro_step, rank, 1]).generate_state(1)[0]))
 
 
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator,
+                     max_timestep: int | None = None, share: float = 1.0) -> torch.Tensor:
+    """(batch,) int64 training timesteps: uniform over [0, num_train_timesteps), or for a `share` of them
+    (independently per image) uniform over [0, max_timestep) (`train.max_timestep`, `train.max_timestep_share`)."""
+    if max_timestep is None or share >= 1.0:
+        return torch.randint(0, max_timestep or num_train_timesteps, (batch,), generator=generator)
+    t = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    low = torch.randint(0, max_timestep, (batch,), generator=generator)
+    return torch.where(torch.rand(batch, generator=generator) < share, low, t)
+
+
 def diffusion_loss(unet, scheduler, clean: torch.Tensor, generator: torch.Generator,
-                   snr_gamma: float | None = None) -> torch.Tensor:
+                   snr_gamma: float | None = None, max_timestep: int | None = None,
+                   max_timestep_share: float = 1.0) -> torch.Tensor:
     """MSE between the UNet's output and the target of the scheduler's prediction type.
 
     `snr_gamma` turns on Min-SNR-gamma weighting (Hang et al. 2023): each image's MSE is weighted so that the
     implied x0-loss weight is min(SNR(t), gamma), i.e. min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v.
+    Timesteps are uniform over the scheduler's range; with `max_timestep`, a `max_timestep_share` of the images
+    (each independently) draw theirs uniformly from [0, max_timestep) instead (share 1: every image).
     """
     noise = torch.randn(clean.shape, generator=generator).to(clean.device)  # (B, C, H, W)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator).to(clean.device)
+    t = sample_timesteps(clean.shape[0], scheduler.config.num_train_timesteps, generator, max_timestep,
+                         max_timestep_share).to(clean.device)
     noisy = scheduler.add_noise(clean, noise, t)
     kind = scheduler.config.prediction_type
     target = {"epsilon": noise, "sample": clean}.get(kind)
@@ -276,7 +291,9 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
                 with accelerator.accumulate(unet):
                     with accelerator.autocast():
                         loss = diffusion_loss(unet, noise_scheduler, clean, _step_generator(cfg.seed, micro, rank),
-                                              snr_gamma=cfg.snr_gamma if cfg.loss_weighting == "min-snr" else None)
+                                              snr_gamma=cfg.snr_gamma if cfg.loss_weighting == "min-snr" else None,
+                                              max_timestep=cfg.max_timestep,
+                                              max_timestep_share=cfg.max_timestep_share)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
@@ -349,7 +366,8 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
                                      / max(elapsed, 1e-9), 2),
                "stopped_by": stopped_by, "lr_horizon_steps": horizon, "lr_horizon_fits": state.horizons,
                "last_lr": lr_scheduler.get_last_lr()[0], "last_loss": last_loss, "loss_history": state.history,
-               "channels_last": channels_last, "layout_probe": probe, "rank_weight_checksums": checksums}
+               "channels_last": channels_last, "layout_probe": probe, "rank_weight_checksums": checksums,
+               "can_sample": recipe.can_sample}
     if accelerator.is_main_process:
         final = build_unet(recipe)
         ema.copy_to(final.parameters())
@@ -433,7 +451,7 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
 
 
 def _sample_grid(accelerator, unet, ema, noise_scheduler, recipe: Recipe, output_dir: Path, step: int) -> None:
-    if not accelerator.is_main_process:
+    if not accelerator.is_main_process or not recipe.can_sample:  # a feature backbone: no noisy timesteps learned
         return
     model = accelerator.unwrap_model(unet)
     ema.store(model.parameters())

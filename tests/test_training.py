@@ -104,6 +104,67 @@ def test_min_snr_weighting_matches_hand_computation():
         assert (w < 1).any() and (w <= 1).all()
 
 
+def test_sample_timesteps_default_range_and_focus_share():
+    from diffseg_hf.training import sample_timesteps
+
+    # no focus: exactly the draws of the plain uniform sampler (old runs and resumes are unchanged)
+    torch.testing.assert_close(sample_timesteps(4096, 1000, torch.Generator().manual_seed(1)),
+                               torch.randint(0, 1000, (4096,), generator=torch.Generator().manual_seed(1)))
+    every = sample_timesteps(4096, 1000, torch.Generator().manual_seed(1), max_timestep=300)
+    assert every.max() < 300 and every.min() == 0 and every.max() == 299
+    mixed = sample_timesteps(20000, 1000, torch.Generator().manual_seed(2), max_timestep=300, share=0.5)
+    # P(t < 300) = 0.5 + 0.5 * 0.3 = 0.65; the other 0.35 are uniform over [300, 1000)
+    assert abs((mixed < 300).float().mean().item() - 0.65) < 0.015 and mixed.max() > 900
+    again = sample_timesteps(20000, 1000, torch.Generator().manual_seed(2), max_timestep=300, share=0.5)
+    assert torch.equal(mixed, again)
+
+
+def test_training_draws_timesteps_below_max_timestep(tmp_path, monkeypatch):
+    import diffseg_hf.training as training
+
+    seen = []
+    real = training.diffusion_loss
+
+    def spy(unet, scheduler, clean, generator, **kwargs):  # the real loss, with the UNet's timesteps recorded
+        hook = unet.register_forward_pre_hook(lambda module, args: seen.append(args[1].flatten().clone()))
+        try:
+            return real(unet, scheduler, clean, generator, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(training, "diffusion_loss", spy)
+    recipe = load_recipe("fashion-cpu", TINY_TRAIN + ["train.max_steps=3", "train.max_timestep=20",
+                                                      "train.sample_every=1"])
+    summary = train(recipe, tmp_path / "run", progress=False)
+    drawn = torch.cat(seen)
+    assert len(drawn) == 3 * 4 and drawn.max() < 20
+    # a feature backbone: no sample grids, and sampling it is a one-line error naming the key and the fix
+    assert summary["can_sample"] is False and not (tmp_path / "run" / "samples").exists()
+    from typer.testing import CliRunner
+    from diffseg_cli.app import app
+
+    result = CliRunner().invoke(app, ["sample", "--model", str(tmp_path / "run"), "--num-images", "2",
+                                      "--out", str(tmp_path / "grid.png")])
+    assert result.exit_code == 2 and not (tmp_path / "grid.png").exists()
+    assert result.output.strip().splitlines() == [
+        f"error: {tmp_path / 'run'} was trained on timesteps below 20 only (train.max_timestep=20, "
+        "train.max_timestep_share=1): it is a feature backbone for `segment fit` and cannot sample from noise; "
+        "to sample, train with train.max_timestep=null  (set DIFFSEG_DEBUG=1 for the traceback)"]
+
+
+def test_max_timestep_errors_name_the_key():
+    with pytest.raises(RecipeError, match=r"train.max_timestep=2000 exceeds scheduler.num_train_timesteps=1000"):
+        load_recipe("fashion-cpu", ["train.max_timestep=2000"])
+    with pytest.raises(RecipeError, match=r"train.max_timestep=0 must be >= 1"):
+        load_recipe("fashion-cpu", ["train.max_timestep=0"])
+    with pytest.raises(RecipeError, match=r"train.max_timestep_share=1.5 must be in \(0, 1\]"):
+        load_recipe("fashion-cpu", ["train.max_timestep_share=1.5"])
+    with pytest.raises(RecipeError, match=r"segment.timesteps \[50\] are >= train.max_timestep=40"):
+        load_recipe("fashion-seg", ["train.max_timestep=40", "train.max_timestep_share=1.0"])
+    mixed = load_recipe("fashion-seg", ["train.max_timestep=40", "train.max_timestep_share=0.5"])
+    assert mixed.train.max_timestep == 40 and mixed.can_sample
+
+
 def test_max_minutes_budget_stops_the_run_and_saves(tmp_path):
     recipe = load_recipe("fashion-cpu", TINY_TRAIN + ["train.max_minutes=0.0001", "train.loss_weighting=min-snr"])
     summary = train(recipe, tmp_path / "run", max_steps=50, progress=False)

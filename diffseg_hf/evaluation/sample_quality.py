@@ -335,13 +335,14 @@ def evaluate_model(model: str | os.PathLike, real: RealImages,
     first call (`cached_feature_net`; `log` gets its one-line messages).
     `steps` None: 50 for DDIM, every training step for DDPM. Real features come from (and go to) `cache_dir`.
     """
-    from ..pipeline import load_model_and_scheduler
+    from ..pipeline import check_can_sample, load_model_and_scheduler
     from ..sampling import sample
     from ..schedule import sampling_scheduler
 
     if num_sample_sets < 1:
         raise DiffsegError(f"--num-sample-sets must be at least 1, got {num_sample_sets}")
     check_sample_counts(num_real, num_samples)  # before any sampling
+    check_can_sample(model)
     unet, train_scheduler = load_model_and_scheduler(model)
     size, channels = _model_image_shape(unet)
     if not isinstance(feature_net, TorchmetricsFeature):
