@@ -150,10 +150,18 @@ def _segmentation_section(segmenters: list[tuple[str, str, dict]]) -> str:
             "(uncertainty = entropy of the mean softmax minus the mean member entropy).\n\n" + "\n".join(parts))
 
 
-def _usage_section(repo: str, index: dict, segmenters: list[tuple[str, str, dict]]) -> str:
+def _usage_section(repo: str, index: dict, segmenters: list[tuple[str, str, dict]], samples: bool = True) -> str:
     remote = any(isinstance(v, list) and v and v[0] in REMOTE_CLASSES.values() for v in index.values())
     trust = ", trust_remote_code=True" if remote else ""
     pipes = [w for w, kind, _ in segmenters if kind == "pipeline"]
+    if not samples and "" not in pipes:  # a feature backbone: its decoder features are the product
+        code = ("from diffseg_hf.features import FeatureExtractor\nfrom diffseg_hf.pipeline import "
+                "load_model_and_scheduler\n\n"
+                f"unet, scheduler = load_model_and_scheduler(\"{repo}\")\n"
+                "with FeatureExtractor(unet, scheduler, timesteps=(10, 50)) as fx:  # hooks removed on exit\n"
+                "    features = fx.extract(images).features  # images (N, C, H, W) in [-1, 1] -> (N, D, H, W)")
+        return (f"## Usage\n\n```python\n{code}\n```\n\nWith diffseg-hf installed: `diffseg segment fit --model "
+                f"{repo} ...` fits a readout on labelled images; `diffseg sample` refuses this model.")
     if "" in pipes:
         code = ("from diffusers import DiffusionPipeline\n\n"
                 f"pipe = DiffusionPipeline.from_pretrained(\"{repo}\"{trust})\n"
@@ -181,19 +189,26 @@ def make_model_card(folder: str | os.PathLike, *, repo_id: str | None = None, li
     folder = Path(folder)
     index = check_pipeline_folder(folder)
     segmenters = _segmenters(folder, index)
-    tags = ["diffusers", "ddpm", "diffseg-hf", "unconditional-image-generation"]
+    from .pipeline import saved_recipe
+
+    recipe = saved_recipe(folder)
+    samples = recipe is None or recipe.can_sample  # False: a feature backbone trained on small timesteps only
+    tags = ["diffusers", "ddpm", "diffseg-hf"] + (["unconditional-image-generation"] if samples else [])
     tags += ["image-segmentation"] if segmenters else []
     root_seg = any(where == "" for where, _, _ in segmenters)
     data = ModelCardData(library_name="diffusers", license=license, tags=tags,
-                         pipeline_tag="image-segmentation" if root_seg else "unconditional-image-generation")
+                         pipeline_tag="image-segmentation" if root_seg else
+                         "unconditional-image-generation" if samples else "image-feature-extraction")
     repo = repo_id or folder.resolve().name
     grids = sorted(p.relative_to(folder).as_posix() for p in folder.glob("samples/*")
                    if p.suffix.lower() in IMAGE_SUFFIXES)
     sections = [
         f"# {repo.split('/')[-1]}",
         "A denoising diffusion model (DDPM) trained with diffseg-hf on Hugging Face diffusers"
-        + (", with pixel classifiers that segment images from its decoder features." if segmenters else "."),
+        + (", with pixel classifiers that segment images from its decoder features." if segmenters else ".")
+        + ("" if samples else f" It is a feature backbone: trained on timesteps below {recipe.train.max_timestep} "
+           "only (`train.max_timestep`), it reads images at small noise levels and does not generate images."),
         _model_section(folder, index), _training_section(folder), _metrics_section(folder),
         f"## Samples\n\n![samples]({grids[-1]})\n\nGrids in `samples/`: {', '.join(grids)}" if grids else "",
-        _segmentation_section(segmenters) if segmenters else "", _usage_section(repo, index, segmenters)]
+        _segmentation_section(segmenters) if segmenters else "", _usage_section(repo, index, segmenters, samples)]
     return f"---\n{data.to_yaml()}\n---\n{CARD_MARKER}\n\n" + "\n\n".join(s for s in sections if s) + "\n"

@@ -53,18 +53,23 @@ def load_model_and_scheduler(path: str | os.PathLike) -> tuple[UNet2DModel, DDPM
                                   "local folder") from e
 
 
-def check_can_sample(path: str | os.PathLike) -> None:
-    """Raise a one-line CheckpointError when the folder's saved recipe says its DDPM cannot sample (a feature
-    backbone trained on small timesteps only: `Recipe.can_sample`); folders without a recipe pass."""
+def saved_recipe(path: str | os.PathLike):
+    """The `Recipe` saved beside a trained model (`recipe.yaml` of a local folder), else None."""
     file = Path(path) / RECIPE_FILE
     if not file.is_file():
-        return
+        return None
     import yaml
 
     from .recipe import recipe_from_dict
 
-    recipe = recipe_from_dict(yaml.safe_load(file.read_text()))
-    if not recipe.can_sample:
+    return recipe_from_dict(yaml.safe_load(file.read_text()))
+
+
+def check_can_sample(path: str | os.PathLike) -> None:
+    """Raise a one-line CheckpointError when the folder's saved recipe says its DDPM cannot sample (a feature
+    backbone trained on small timesteps only: `Recipe.can_sample`); folders without a recipe pass."""
+    recipe = saved_recipe(path)
+    if recipe is not None and not recipe.can_sample:
         raise CheckpointError(
             f"{path} was trained on timesteps below {recipe.train.max_timestep} only (train.max_timestep="
             f"{recipe.train.max_timestep}, train.max_timestep_share=1): it is a feature backbone for `segment fit` "

@@ -326,6 +326,16 @@ def test_model_card_of_a_plain_ddpm(tmp_path, scheduler):
     assert f"| UNet | UNet2DModel, {sum(p.numel() for p in stock.parameters()) / 1e6:.2f}M parameters |" in card
 
 
+def test_model_card_of_a_feature_backbone_says_it_does_not_sample(tmp_path, unet, scheduler):
+    save_pipeline(tmp_path, unet, scheduler, RECIPE + "train:\n  max_timestep: 300\n")
+    card = make_model_card(tmp_path, repo_id="me/backbone")
+    meta = ModelCard(card).data.to_dict()
+    assert "unconditional-image-generation" not in meta["tags"] and meta["pipeline_tag"] == "image-feature-extraction"
+    assert "feature backbone: trained on timesteps below 300 only" in card
+    assert "pipe(batch_size" not in card and 'load_model_and_scheduler("me/backbone")' in card
+    assert "`diffseg sample` refuses this model" in card
+
+
 # CLI: dry run and errors, with the network made unreachable ------------------------------------------
 def test_push_dry_run_lists_files_and_card_without_touching_anything(run_dir, no_network):
     before = _snapshot(run_dir)
