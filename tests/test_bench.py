@@ -34,7 +34,8 @@ TINY_CONFIGS = {
 TARGET_NAMES = {
     "train_step.baseline_vs_stock_fp32", "train_step.baseline_default_precision_vs_stock_fp32",
     "train_step.convnext_vs_baseline_fp32", "train_step.default_vs_stock_fp32", "train_step.default_share_of_ceiling",
-    "train_step.convnext_vs_baseline_default", "train_step.bf16_loss_matches_fp32", "features.batched_vs_per_timestep", "ensemble.vectorized_vs_sequential",
+    "train_step.convnext_vs_baseline_default", "train_step.convnext_vs_baseline_same_layout",
+    "train_step.bf16_loss_matches_fp32", "features.batched_vs_per_timestep", "ensemble.vectorized_vs_sequential",
 }
 INFO_NAMES = {"features.batched_vs_per_timestep", "ensemble.vectorized_vs_sequential"}  # retired targets (issue #16)
 
@@ -251,7 +252,8 @@ def test_run_all_tiny_writes_the_results_structure(tmp_path):
                 assert row[key][0] <= row[key][1], (res["benchmark"], key, row[key])
     steps = {(r["variant"], r["precision"], r["path"]) for r in saved["results"][0]["rows"]}
     assert steps == ({(v, p, "plain") for v in ("stock", "resnet", "adagn", "convnext") for p in ("fp32", "bf16")}
-                     | {("resnet", "bf16", "recipe"), ("convnext", "bf16", "recipe")})  # fashion-cpu: bf16
+                     | {("resnet", "bf16", "recipe"), ("convnext", "bf16", "recipe"),
+                        ("resnet", "bf16", "convnext-layout")})  # fashion-cpu: bf16
     recipe_path = saved["results"][0]["recipe_path"]  # fashion-cpu: train.channels_last=auto, fused AdamW
     assert set(recipe_path) == {"resnet", "convnext"}
     for layout in recipe_path.values():  # the layout the training loop's probe picks on this machine
