@@ -58,11 +58,9 @@ def saved_recipe(path: str | os.PathLike):
     file = Path(path) / RECIPE_FILE
     if not file.is_file():
         return None
-    import yaml
+    from .recipe import load_recipe
 
-    from .recipe import recipe_from_dict
-
-    return recipe_from_dict(yaml.safe_load(file.read_text()))
+    return load_recipe(file)
 
 
 def check_can_sample(path: str | os.PathLike) -> None:
