@@ -170,10 +170,10 @@ def _write_tiny_recipes(folder: Path, names: list[str], mnist_dir: Path) -> None
         overrides = list(TINY_TRAIN)
         if recipe.data.source == "mnist":
             overrides += ["data.hub_id=null", f"data.path={mnist_dir}"]
-        if recipe.segment is not None:
-            overrides += TINY_SEGMENT
         if recipe.train.max_timestep is not None:  # a feature backbone: its bound inside the 50-step schedule
             overrides += ["train.max_timestep=30"]
+        if recipe.segment is not None:
+            overrides += TINY_SEGMENT
         else:  # fid and ablate sample thousands of images from these: 8 px keeps that cheap
             attention = "[4]" if recipe.model.attention_resolutions else "[]"  # mnist-noattn keeps its change
             overrides += ["data.resolution=8", f"model.attention_resolutions={attention}"]
