@@ -94,8 +94,10 @@ def main() -> None:
     names = [] if not args.configs else list(sets[args.configs]) if args.configs in sets else args.configs.split(",")
     every = {k: v for s in sets.values() for k, v in s.items()}
     for item in args.extra:
-        name, spec = item.split("=", 1)
-        spec = json.loads(spec)
+        name, brace, spec = item.partition("={")  # a name may hold "=" ("tuned, timesteps=25-100={...}")
+        if not brace:
+            raise SystemExit(f"--extra {item!r}: expected NAME={{JSON object}}")
+        spec = json.loads(brace[1:] + spec)
         every[name] = _config(spec.pop("base", "tuned"), **{k: tuple(v) if isinstance(v, list) else v
                                                               for k, v in spec.items()})
         names.append(name)
