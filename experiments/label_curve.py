@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--preset", default="tuned", choices=sorted(SEGMENT_PRESETS))
+    ap.add_argument("--conv-members", type=int, default=1, help="segment.conv_members of the readouts' conv head")
     ap.add_argument("--baseline-steps", type=int, default=2000)
     ap.add_argument("--baseline-max-shift", type=int, default=2)
     ap.add_argument("--oracle-images", type=int, default=10000, help="0: no oracle")
@@ -200,7 +201,8 @@ def main() -> None:
                 extract_s = time.perf_counter() - started
                 for n in todo:
                     started = time.perf_counter()
-                    readout = ReadoutConfig(**{k: preset[k] for k in ("head", "vote", "standardize")}, seed=seed)
+                    readout = ReadoutConfig(**{k: preset[k] for k in ("head", "vote", "standardize")},
+                                            conv_members=args.conv_members, seed=seed)
                     result = readout_run([v[:n] for v in pool_views], pool.masks[:n], test_views, test,
                                          feature_protocol, readout)
                     save({"method": method, "num_labeled": n, "seed": seed, **result, **ddpm,
