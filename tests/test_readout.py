@@ -273,7 +273,10 @@ def test_reference_preset_is_the_reference_protocol_and_one_key_away():
         {k: ref[k] for k in ("blocks", "timesteps", "noise", "num_noise_draws", "flip")}
     assert (readout.head, readout.vote, readout.standardize) == (ref["head"], ref["vote"], ref["standardize"])
     seg = load_recipe("fashion-seg", ["segment.preset=reference"]).segment
-    assert seg.protocol == FeatureProtocol() and segment_runs.readout_config(seg) == ReadoutConfig()
+    # fashion-seg sets conv_members: 5, a key of the conv head that the reference's MLP ensemble does not read
+    readout = segment_runs.readout_config(seg)
+    assert seg.protocol == FeatureProtocol() and readout.head == "mlp-ensemble" and readout.conv_members == 5
+    assert replace(readout, conv_members=1) == ReadoutConfig()
     tuned = load_recipe("fashion-seg").segment
     assert tuned.preset == "tuned" and tuned.head == SEGMENT_PRESETS["tuned"]["head"]
     # an explicit key wins over the preset
