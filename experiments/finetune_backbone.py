@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,12 +25,11 @@ import torch.nn.functional as F
 
 from diffseg_hf.features import FeatureExtractor
 from diffseg_hf.pipeline import load_model_and_scheduler
-from diffseg_hf.readout import ReadoutConfig, soft_dice_loss
-from diffseg_hf.recipe import SEGMENT_PRESETS
-from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol, block_output
+from diffseg_hf.readout import soft_dice_loss
+from diffseg_hf.recipe import SegmentConfig
+from diffseg_hf.remote.pipeline_diffseg_segmentation import block_output
+from diffseg_hf.segment_runs import readout_config
 from diffseg_hf.segmentation import SegSource, fit_segmenter, load_segmentation_data
-
-PROTOCOL_KEYS = ("blocks", "timesteps", "noise", "num_noise_draws", "flip")
 
 
 class GradFeatureExtractor(FeatureExtractor):
@@ -61,8 +61,8 @@ def main() -> None:
     ap.add_argument("--config", action="append", required=True, metavar="NAME=UNET_LR,STEPS")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    cfg = SEGMENT_PRESETS["tuned"]
-    protocol = FeatureProtocol(**{k: cfg[k] for k in PROTOCOL_KEYS})
+    shipped = SegmentConfig(preset="tuned")  # the protocol and readout options as a recipe's segment section sets them
+    protocol = shipped.protocol
     rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
     done = {(r["config"], r["seed"]) for r in rows}
     for seed in args.seeds:
@@ -76,7 +76,7 @@ def main() -> None:
             train = load_segmentation_data(SegSource("fashion-seg", seed=0), "train", num_images=args.num_labeled,
                                            resolution=res)
             dev = load_segmentation_data(SegSource("fashion-seg", seed=1), "train", num_images=200, resolution=res)
-            readout = ReadoutConfig(**{k: v for k, v in cfg.items() if k not in PROTOCOL_KEYS}, seed=seed)
+            readout = replace(readout_config(shipped), seed=seed)
             started = time.perf_counter()
             segmenter, _ = fit_segmenter(unet, scheduler, train, model_location=args.model, protocol=protocol,
                                          readout=readout)
@@ -102,7 +102,8 @@ def main() -> None:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-            unet.eval(), head.eval()
+            unet.eval()
+            head.eval()
             tuned = segmenter.evaluate(dev)
             row = {"config": name, "unet_lr": unet_lr, "steps": steps, "seed": seed, "num_labeled": args.num_labeled,
                    "dev_miou_frozen": frozen, "dev_miou": tuned.miou, "per_class_iou": tuned.to_dict()["per_class_iou"],
