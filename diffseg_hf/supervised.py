@@ -9,6 +9,7 @@ seed 0, 500 test canvases): test mIoU 0.259 (train 0.97); with max_shift=4: 0.26
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -130,16 +131,22 @@ def fit_supervised(
 
 
 @torch.no_grad()
-def predict_supervised(model: nn.Module, images: torch.Tensor, batch_size: int = 64, flip: bool = False
-                       ) -> torch.Tensor:
+def predict_supervised(model: nn.Module | Sequence[nn.Module], images: torch.Tensor, batch_size: int = 64,
+                       flip: bool = False) -> torch.Tensor:
     """Argmax class ids (N, H, W) for images (N, C, H, W) float in [-1, 1]. ``flip``: test-time mirroring, the
-    softmax of the image and of its mirror (mirrored back) averaged, as the diffusion readout's views."""
-    model.eval()
+    softmax of the image and of its mirror (mirrored back) averaged, as the diffusion readout's views. A sequence
+    of models is an ensemble: the mean of every member's softmax (soft vote, as the readout's conv members)."""
+    members = list(model) if isinstance(model, Sequence) else [model]
+    if not members:
+        raise DiffsegError("predict_supervised got an empty list of models: pass at least one fitted network")
     out = []
     for i in range(0, images.shape[0], batch_size):
         x = images[i : i + batch_size].float()
-        probs = model(x).softmax(1)  # (B, C, H, W)
-        if flip:
-            probs = (probs + model(x.flip(-1)).softmax(1).flip(-1)) / 2
-        out.append(probs.argmax(1))
+        probs = 0
+        for net in members:
+            net.eval()
+            probs = probs + net(x).softmax(1)  # (B, C, H, W)
+            if flip:
+                probs = probs + net(x.flip(-1)).softmax(1).flip(-1)
+        out.append(probs.argmax(1))  # the sum ranks classes as the mean does
     return torch.cat(out)  # (N, H, W)

@@ -11,11 +11,14 @@ Methods (every readout is the shipped `tuned` preset of `segment` unless --prese
 - pixels:       the same readout on the raw pixels plus fixed filters (Gaussian blurs sigma 1, 2, 4 and Sobel
                 x/y of the image and of its sigma-2 blur): 8 channels per image channel.
 - baseline:     the supervised U-Net from scratch on the same labelled canvases, flips + shifts, test-time
-                flipping like the readout, its step budget tuned once on a dev split (--baseline-steps).
+                flipping like the readout, its step budget tuned once on a dev split (--baseline-steps);
+                --baseline-members K > 1 soft-votes K networks (seeds seed * K + k), the counterpart of the
+                readout's --conv-members.
 - oracle:       the same U-Net trained on --oracle-images labelled train canvases (the ceiling), one run.
 
-Labelled canvases: for seed s, the first n of a pool of 100 canvases drawn from the Fashion-MNIST TRAIN split
-with data seed 100 + s (so the sets grow by inclusion); the classifier seed is s too. Test: the 500 fixed test
+Labelled canvases: for seed s, the first n of a pool of POOL_SIZE = 100 canvases (whatever --counts is) drawn
+from the Fashion-MNIST TRAIN split with data seed 100 + s (so the sets grow by inclusion); the classifier seed is
+s too. Test: the 500 fixed test
 canvases (Fashion-MNIST test split only). Features are extracted once per backbone (test maps cached), then the
 readout is fitted with `diffseg_hf.segmentation.fit_head` and applied with `predict_views`, the toolkit's own
 code. Resumable: rows already in --out are skipped. Each row: method, num_labeled, seed, miou,
@@ -45,6 +48,9 @@ from diffseg_hf.segmentation import fit_head, SegSource, load_segmentation_data
 from diffseg_hf.supervised import fit_supervised, predict_supervised
 
 METHODS = ("diffusion", "random-unet", "pixels", "baseline")
+# The labelled sets are the first n canvases of one pool per seed. fashion-seg draws its layout for the whole pool
+# at once, so a pool of another size holds other canvases: the pool is always this size (or the largest count).
+POOL_SIZE = 100
 PROTOCOL_KEYS = ("blocks", "timesteps", "noise", "num_noise_draws", "flip")
 
 
@@ -145,6 +151,8 @@ def main() -> None:
     ap.add_argument("--conv-members", type=int, default=1, help="segment.conv_members of the readouts' conv head")
     ap.add_argument("--baseline-steps", type=int, default=2000)
     ap.add_argument("--baseline-max-shift", type=int, default=2)
+    ap.add_argument("--baseline-members", type=int, default=1,
+                    help="supervised U-Nets per run, their softmax averaged (as --conv-members for the readout)")
     ap.add_argument("--oracle-images", type=int, default=10000, help="0: no oracle")
     ap.add_argument("--oracle-steps", type=int, default=6000)
     ap.add_argument("--num-test", type=int, default=500)
@@ -186,7 +194,7 @@ def main() -> None:
                 if not todo:
                     continue
                 pool = load_segmentation_data(SegSource("fashion-seg", seed=100 + seed), "train",
-                                              num_images=max(args.counts), resolution=res)
+                                              num_images=max(POOL_SIZE, *args.counts), resolution=res)
                 if method == "pixels":
                     fn = pixel_maps
                     feature_protocol = FeatureProtocol(flip=protocol.flip)  # only the flip matters here
@@ -213,19 +221,22 @@ def main() -> None:
         if "baseline" in args.methods:
             for seed in args.seeds:
                 pool = load_segmentation_data(SegSource("fashion-seg", seed=100 + seed), "train",
-                                              num_images=max(args.counts), resolution=res)
+                                              num_images=max(POOL_SIZE, *args.counts), resolution=res)
                 for n in args.counts:
                     if ("baseline", n, seed) in done:
                         continue
                     started = time.perf_counter()
                     sub = pool.subset(slice(0, n))
-                    net = fit_supervised(sub.float_images(), sub.masks, num_classes=test.num_classes,
-                                         steps=args.baseline_steps, max_shift=args.baseline_max_shift, seed=seed)
-                    result = score(predict_supervised(net, test.float_images(), flip=True), test)
+                    k = args.baseline_members
+                    nets = [fit_supervised(sub.float_images(), sub.masks, num_classes=test.num_classes,
+                                           steps=args.baseline_steps, max_shift=args.baseline_max_shift,
+                                           seed=seed if k == 1 else seed * k + member) for member in range(k)]
+                    result = score(predict_supervised(nets, test.float_images(), flip=True), test)
                     save({"method": "baseline", "num_labeled": n, "seed": seed, **result, "ddpm_steps": None,
                           "ddpm_train_minutes": None,
                           "settings": {"steps": args.baseline_steps, "max_shift": args.baseline_max_shift,
-                                       "flip": True, "test_time_flip": True, "batch_size": 8, "lr": 2e-3},
+                                       "flip": True, "test_time_flip": True, "batch_size": 8, "lr": 2e-3,
+                                       "members": args.baseline_members},
                           "seconds": round(time.perf_counter() - started, 1)})
         if args.oracle_images and ("oracle", args.oracle_images, 0) not in done:
             started = time.perf_counter()

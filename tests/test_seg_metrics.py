@@ -150,6 +150,20 @@ def test_supervised_is_seeded_and_round_trips(tmp_path, one_thread):
         fit_supervised(images, masks + 1, num_classes=2, steps=1)
 
 
+def test_supervised_ensemble_soft_votes_members_and_flips(one_thread):
+    images, masks = _bright_vs_dark(4, seed=3)
+    nets = [fit_supervised(images, masks, num_classes=3, steps=2, batch_size=2, widths=(8, 16), seed=s)
+            for s in (0, 1, 2)]
+    assert torch.equal(predict_supervised(nets[:1], images, flip=True), predict_supervised(nets[0], images, flip=True))
+    with torch.no_grad():  # the mean over members and views of the softmax, by hand
+        mean = sum(n(images).softmax(1) + n(images.flip(-1)).softmax(1).flip(-1) for n in nets) / 6
+    assert torch.equal(predict_supervised(nets, images, flip=True), mean.argmax(1))
+    singles = [predict_supervised(n, images, flip=True) for n in nets]
+    assert any(not torch.equal(singles[0], p) for p in singles[1:])  # the members differ: the vote matters
+    with pytest.raises(DiffsegError, match="empty list of models"):
+        predict_supervised([], images)
+
+
 def test_random_shift_moves_labels_with_pixels():
     images, masks = _bright_vs_dark(6, seed=2)
     masks[:, :, 0] = (images[:, 0, :, 0] > 0).long()  # no ignore column here
