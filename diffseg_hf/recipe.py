@@ -193,7 +193,9 @@ class SegmentConfig:
     streaming: bool = False  # hub: stream the rows instead of downloading the split
     train_split: str = "train"
     test_split: str = "test"
-    num_labeled: int | None = 20  # the first N labelled images (folder: in name order); None: all of them
+    # the first N labelled images (folder: in name order); None: all of them. fashion-seg draws N canvases from
+    # data_seed at once, so another N holds other canvases, not a prefix of them
+    num_labeled: int | None = 20
     num_test: int | None = 500  # held-out images for `segment eval`; None: the whole test split
     data_seed: int = 0  # which canvases are drawn (fashion-seg)
     preset: str = field(default="tuned", metadata={"registry": "segment preset"})  # SEGMENT_PRESETS: fills unset keys

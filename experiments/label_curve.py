@@ -18,11 +18,10 @@ Methods (every readout is the shipped `tuned` preset of `segment` unless --prese
 
 Labelled canvases: for seed s, the first n of a pool of POOL_SIZE = 100 canvases (whatever --counts is) drawn
 from the Fashion-MNIST TRAIN split with data seed 100 + s (so the sets grow by inclusion); the classifier seed is
-s too. Test: the 500 fixed test
-canvases (Fashion-MNIST test split only). Features are extracted once per backbone (test maps cached), then the
-readout is fitted with `diffseg_hf.segmentation.fit_head` and applied with `predict_views`, the toolkit's own
-code. Resumable: rows already in --out are skipped. Each row: method, num_labeled, seed, miou,
-pixel_accuracy, per_class_iou, ddpm_steps, ddpm_train_minutes, settings, seconds.
+s too. Test: the 500 fixed test canvases (Fashion-MNIST test split only). Features are extracted once per
+backbone (test maps cached), then the readout is fitted with `diffseg_hf.segmentation.fit_head` and applied with
+`predict_views`, the toolkit's own code. Resumable: rows already in --out are skipped. Each row: method,
+num_labeled, seed, miou, pixel_accuracy, per_class_iou, ddpm_steps, ddpm_train_minutes, settings, seconds.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ from diffseg_hf.evaluation.segmentation import SegmentationMeter
 from diffseg_hf.features import FeatureExtractor
 from diffseg_hf.pipeline import load_model_and_scheduler
 from diffseg_hf.readout import ReadoutConfig
-from diffseg_hf.recipe import SEGMENT_PRESETS
+from diffseg_hf.recipe import SEGMENT_PRESETS, SegmentConfig
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
 from diffseg_hf.remote.pixel_ensemble import predict_views
 from diffseg_hf.segmentation import fit_head, SegSource, load_segmentation_data
@@ -149,12 +148,13 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--preset", default="tuned", choices=sorted(SEGMENT_PRESETS))
     ap.add_argument("--conv-members", type=int, default=1, help="segment.conv_members of the readouts' conv head")
-    ap.add_argument("--baseline-steps", type=int, default=2000)
-    ap.add_argument("--baseline-max-shift", type=int, default=2)
+    # the baseline's budget and shifts as tuned on the dev split (segment.baseline_* defaults)
+    ap.add_argument("--baseline-steps", type=int, default=SegmentConfig.baseline_steps)
+    ap.add_argument("--baseline-max-shift", type=int, default=SegmentConfig.baseline_max_shift)
     ap.add_argument("--baseline-members", type=int, default=1,
                     help="supervised U-Nets per run, their softmax averaged (as --conv-members for the readout)")
     ap.add_argument("--oracle-images", type=int, default=10000, help="0: no oracle")
-    ap.add_argument("--oracle-steps", type=int, default=6000)
+    ap.add_argument("--oracle-steps", type=int, default=3000)
     ap.add_argument("--num-test", type=int, default=500)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--plot", action="store_true", help="only write the table and the PNG from --out")
