@@ -241,6 +241,7 @@ class SegmentConfig:
     baseline_batch_size: int = 8
     baseline_lr: float = 2e-3
     baseline_max_shift: int = 2  # random translations of up to this many pixels (with the flips it always gets)
+    baseline_members: int = 1  # U-Nets with seeds seed * K + k, soft-voted (give it what conv_members gives the head)
 
     def __post_init__(self):
         preset = SEGMENT_PRESETS[self.preset]
@@ -251,6 +252,8 @@ class SegmentConfig:
             self.protocol  # noqa: B018 - validate the feature protocol at load time
         except ValueError as e:
             raise RecipeError(f"segment: {e}") from None
+        if self.baseline_members < 1:
+            raise RecipeError(f"segment.baseline_members={self.baseline_members}: need >= 1 supervised U-Nets")
 
     @property
     def protocol(self):

@@ -1,6 +1,6 @@
 """Recipe-level segmentation runs behind `diffseg segment fit | eval | predict`.
 
-fit:     labelled images -> classifier folder (+ `baseline/`, the supervised U-Net on the same images)
+fit:     labelled images -> classifier folder (+ `baseline/`, the supervised U-Net(s) on the same images)
 eval:    classifier folder -> per-class IoU, mIoU and pixel accuracy on the held-out split, both models
 predict: image files -> VOC-palette masks, overlays and uncertainty maps
 """
@@ -112,13 +112,22 @@ def fit_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.Path
     summary = {"num_labeled": len(train), "head": seg.head, "fit_seconds": round(fit_seconds, 2), **stats}
     if baseline:
         started = time.perf_counter()
-        net = fit_supervised(train.float_images(), train.masks, num_classes=train.num_classes,
-                             steps=seg.baseline_steps, batch_size=seg.baseline_batch_size, lr=seg.baseline_lr,
-                             max_shift=seg.baseline_max_shift, seed=seg.seed)
-        net.save_pretrained(output_dir / BASELINE_DIR)
+        k = seg.baseline_members
+        for member in range(k):  # one member: baseline/ itself; K: baseline/member-k/ (seeds as the conv members)
+            net = fit_supervised(train.float_images(), train.masks, num_classes=train.num_classes,
+                                 steps=seg.baseline_steps, batch_size=seg.baseline_batch_size, lr=seg.baseline_lr,
+                                 max_shift=seg.baseline_max_shift, seed=seg.seed if k == 1 else seg.seed * k + member)
+            net.save_pretrained(output_dir / BASELINE_DIR / (f"member-{member}" if k > 1 else ""))
+        summary["baseline_members"] = k
         summary["baseline_fit_seconds"] = round(time.perf_counter() - started, 2)
     (output_dir / "fit_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def load_baseline(folder: Path) -> list[SupervisedUNet]:
+    """The supervised baseline of a classifier folder: `baseline/` itself or its `member-k/` ensemble."""
+    members = sorted(folder.glob("member-*"), key=lambda p: int(p.name.split("-")[1]))
+    return [SupervisedUNet.from_pretrained(p).eval() for p in (members or [folder])]
 
 
 def unlabeled_images(recipe: Recipe, unet) -> torch.Tensor | None:
@@ -172,9 +181,9 @@ def evaluate_classifier(classifier_dir: str | os.PathLike, *, model: str | None 
     base_dir = classifier_dir / BASELINE_DIR
     base_pred = None
     if base_dir.is_dir():
-        net = SupervisedUNet.from_pretrained(base_dir).eval()
+        nets = load_baseline(base_dir)
         meter = SegmentationMeter(test.num_classes, 255, test.class_names)
-        base_pred = predict_supervised(net, test.float_images(), flip=segmenter.protocol.flip)  # the same views
+        base_pred = predict_supervised(nets, test.float_images(), flip=segmenter.protocol.flip)  # the same views
         meter.update(base_pred, test.masks)
         base = meter.compute()
         result["baseline"] = base.to_dict()

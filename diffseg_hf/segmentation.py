@@ -5,7 +5,7 @@
 feature maps); a `Segmenter` (DDPM + head + protocol) predicts labels and uncertainty in image batches.
 A classifier folder holds `model.safetensors` + `classifier_config.json` (the feature protocol, the fit
 options, class names, the DDPM's location and config fingerprint), and optionally `baseline/` (the supervised
-U-Net trained on the same labelled images).
+U-Net trained on the same labelled images; with `segment.baseline_members` K > 1 its `member-k/` ensemble).
 """
 
 from __future__ import annotations

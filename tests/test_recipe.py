@@ -165,3 +165,9 @@ def test_recipe_path_is_searched_before_the_shipped_recipes(tmp_path, monkeypatc
     monkeypatch.setenv("DIFFSEG_RECIPE_PATH", f"{mine}:{tmp_path / 'nope'}")
     with pytest.raises(RecipeError, match=r"DIFFSEG_RECIPE_PATH names .*nope, which is not a folder; .* or unset"):
         load_recipe("mnist-baseline")
+
+
+@pytest.mark.parametrize("name", ["fashion-seg", "fashion-seg-demo"])
+def test_segment_recipes_give_both_arms_the_same_ensembling(name):
+    seg = load_recipe(name).segment  # five conv heads against five baseline U-Nets, or one against one
+    assert seg.conv_members == seg.baseline_members, (name, seg.conv_members, seg.baseline_members)

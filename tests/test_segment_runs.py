@@ -15,7 +15,9 @@ from diffseg_hf.errors import CheckpointError, DataError, RecipeError
 from diffseg_hf.pipeline import save_pipeline
 from diffseg_hf.recipe import load_recipe
 from diffseg_hf.schedule import make_scheduler
-from diffseg_hf.segment_runs import evaluate_classifier, fit_from_recipe, predict_files
+from diffseg_hf.evaluation.segmentation import SegmentationMeter
+from diffseg_hf.segment_runs import evaluate_classifier, fit_from_recipe, load_test_set, predict_files
+from diffseg_hf.supervised import SupervisedUNet, predict_supervised
 from diffseg_hf.segmentation import Segmenter, fit_segmenter
 
 FAST = ["segment.num_labeled=3", "segment.num_test=6", "segment.max_epochs=2", "segment.num_members=3",
@@ -44,7 +46,23 @@ def test_fit_writes_a_self_describing_folder(classifier, ddpm):
     # D = (16 + 8) channels x 2 timesteps, computed from the model
     assert config["features"]["feature_dim"] == 48
     assert config["class_names"][0] == "background" and len(config["class_names"]) == 11
-    assert (classifier / "baseline" / "config.json").is_file() and (classifier / "recipe.yaml").is_file()
+    assert (classifier / "recipe.yaml").is_file()
+    members = sorted(p.name for p in (classifier / "baseline").iterdir())
+    assert members == [f"member-{k}" for k in range(5)]  # the recipe's segment.baseline_members: 5
+    assert all((classifier / "baseline" / m / "config.json").is_file() for m in members)
+
+
+def test_baseline_members_vote_together_in_eval(classifier):
+    result = evaluate_classifier(classifier)
+    nets = [SupervisedUNet.from_pretrained(classifier / "baseline" / f"member-{k}") for k in range(5)]
+    assert not torch.equal(next(nets[0].parameters()), next(nets[1].parameters()))  # seeds differ
+    segmenter = Segmenter.load(classifier)
+    test = load_test_set(segmenter)
+    meter = SegmentationMeter(test.num_classes, 255, test.class_names)
+    meter.update(predict_supervised(nets, test.float_images(), flip=segmenter.protocol.flip), test.masks)
+    assert result["baseline"]["miou"] == pytest.approx(meter.compute().miou, abs=1e-12)
+    with pytest.raises(RecipeError, match=r"segment.baseline_members=0: need >= 1"):
+        load_recipe("fashion-seg", ["segment.baseline_members=0"])
 
 
 def test_eval_reports_both_models_and_json_keys(classifier, tmp_path):
@@ -150,6 +168,7 @@ def test_voc_seg_recipe_on_a_voc_layout_folder(tmp_path):
                                      "segment.max_epochs=2", "segment.num_members=2", "segment.baseline_steps=3",
                                      "segment.timesteps=[5]"])
     fit_from_recipe(recipe, str(ddpm), tmp_path / "cls")
+    assert (tmp_path / "cls" / "baseline" / "config.json").is_file()  # one baseline network: baseline/ itself
     result = evaluate_classifier(tmp_path / "cls")
     assert result["num_test_images"] == 2 and len(result["per_class_iou"]) == 21
     assert result["protocol"]["test_split"] == "val"
