@@ -113,10 +113,10 @@ def fit_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.Path
     if baseline:
         started = time.perf_counter()
         k = seg.baseline_members
-        for member in range(k):  # one member: baseline/ itself; K: baseline/member-k/ (seeds as the conv members)
+        for member in range(k):  # one member: baseline/ itself; K: baseline/member-k/ (seed * K + k, as conv members)
             net = fit_supervised(train.float_images(), train.masks, num_classes=train.num_classes,
                                  steps=seg.baseline_steps, batch_size=seg.baseline_batch_size, lr=seg.baseline_lr,
-                                 max_shift=seg.baseline_max_shift, seed=seg.seed if k == 1 else seg.seed * k + member)
+                                 max_shift=seg.baseline_max_shift, seed=seg.seed * k + member)
             net.save_pretrained(output_dir / BASELINE_DIR / (f"member-{member}" if k > 1 else ""))
         summary["baseline_members"] = k
         summary["baseline_fit_seconds"] = round(time.perf_counter() - started, 2)

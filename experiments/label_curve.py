@@ -230,7 +230,7 @@ def main() -> None:
                     k = args.baseline_members
                     nets = [fit_supervised(sub.float_images(), sub.masks, num_classes=test.num_classes,
                                            steps=args.baseline_steps, max_shift=args.baseline_max_shift,
-                                           seed=seed if k == 1 else seed * k + member) for member in range(k)]
+                                           seed=seed * k + member) for member in range(k)]
                     result = score(predict_supervised(nets, test.float_images(), flip=True), test)
                     save({"method": "baseline", "num_labeled": n, "seed": seed, **result, "ddpm_steps": None,
                           "ddpm_train_minutes": None,
