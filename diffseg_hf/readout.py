@@ -17,12 +17,10 @@ Both heads expose ``member_logits(features (N, D, H, W)) -> (E, N, H, W, C)``; p
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from .errors import CheckpointError, DataError
@@ -31,24 +29,12 @@ from .pixel_classifier import (CONFIG_NAME, WEIGHTS_NAME, PixelEnsemble, feature
 from .readout_config import READOUT_HEADS, ReadoutConfig
 from .remote.pipeline_diffseg_segmentation import FeatureProtocol
 from .remote.pixel_ensemble import ConvReadoutModel
-from .supervised import random_shift
+from .supervised import random_shift, segmentation_loss, warmup_cosine
 
-__all__ = ["READOUT_HEADS", "ReadoutConfig", "CONV_ARCHITECTURE", "soft_dice_loss", "fit_conv_head",
+__all__ = ["READOUT_HEADS", "ReadoutConfig", "CONV_ARCHITECTURE", "fit_conv_head",
            "stack_conv_members", "pseudo_labels", "self_train_conv_head", "save_head", "load_head"]
 
 # ------------------------------------------------------------------------------------------ the conv head
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """1 - mean over classes present in the batch of the soft Dice score; logits (B, C, H, W), target (B, H, W)."""
-    valid = (target != ignore_index)[:, None]  # (B, 1, H, W)
-    probs = logits.softmax(1) * valid
-    onehot = F.one_hot(target.where(valid[:, 0], 0), logits.shape[1]).permute(0, 3, 1, 2) * valid  # (B, C, H, W)
-    inter = (probs * onehot).sum((0, 2, 3))
-    total = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-    present = onehot.sum((0, 2, 3)) > 0
-    dice = (2 * inter + 1.0) / (total + 1.0)  # (C,)
-    return 1 - dice[present].mean()
-
-
 def fit_conv_head(features: torch.Tensor, masks: torch.Tensor, *, num_classes: int, protocol: FeatureProtocol,
                   options: ReadoutConfig, mirrored: torch.Tensor | None = None, ignore_index: int = 255,
                   sample_weights: torch.Tensor | None = None, progress: bool = False) -> ConvReadoutModel:
@@ -112,10 +98,8 @@ def _fit_conv_member(features: torch.Tensor, masks: torch.Tensor, *, num_classes
         rows = features.permute(0, 2, 3, 1).reshape(-1, d)  # (N*H*W, D), a view
         model.feature_mean, model.feature_std = feature_statistics(rows, labelled.flatten().nonzero().flatten())
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.conv_lr, weight_decay=1e-4)
-    steps, warmup = options.conv_steps, max(1, options.conv_steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
-    iterator = range(steps)
+    schedule = warmup_cosine(optimizer, options.conv_steps)
+    iterator = range(options.conv_steps)
     if progress:
         from tqdm.auto import tqdm
 
@@ -132,10 +116,7 @@ def _fit_conv_member(features: torch.Tensor, masks: torch.Tensor, *, num_classes
             x[flip], y[flip] = mirrored[idx[flip]].float(), y[flip].flip(-1)
         if options.conv_max_shift > 0:
             x, y = random_shift(x, y, options.conv_max_shift, ignore_index, generator)
-        logits = model(x)  # (B, C, H, W)
-        loss = F.cross_entropy(logits, y, ignore_index=ignore_index)
-        if options.dice_weight:
-            loss = loss + options.dice_weight * soft_dice_loss(logits, y, ignore_index)
+        loss = segmentation_loss(model(x), y, ignore_index, options.dice_weight)  # model(x): (B, C, H, W)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

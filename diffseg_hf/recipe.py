@@ -242,6 +242,9 @@ class SegmentConfig:
     baseline_lr: float = 2e-3
     baseline_max_shift: int = 2  # random translations of up to this many pixels (with the flips it always gets)
     baseline_members: int = 1  # U-Nets with seeds seed * K + k, soft-voted (give it what conv_members gives the head)
+    # soft Dice added to its cross-entropy, as the conv head's dice_weight. fashion-seg's dev split (20 labels, 3 seeds):
+    # 19.7 mIoU at 1000 steps against 18.5 without (2000 steps: 19.6 / 19.0; 500: 17.3 / 17.5)
+    baseline_dice_weight: float = 1.0
 
     def __post_init__(self):
         preset = SEGMENT_PRESETS[self.preset]
@@ -254,6 +257,9 @@ class SegmentConfig:
             raise RecipeError(f"segment: {e}") from None
         if self.baseline_members < 1:
             raise RecipeError(f"segment.baseline_members={self.baseline_members}: need >= 1 supervised U-Nets")
+        if self.baseline_dice_weight < 0:
+            raise RecipeError(f"segment.baseline_dice_weight={self.baseline_dice_weight}: need >= 0 (0: cross-entropy "
+                              "only)")
 
     @property
     def protocol(self):

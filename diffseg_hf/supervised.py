@@ -78,6 +78,35 @@ def random_shift(
     return xs, ys  # (B, C, H, W), (B, H, W)
 
 
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """1 - mean over classes present in the batch of the soft Dice score; logits (B, C, H, W), target (B, H, W)."""
+    valid = (target != ignore_index)[:, None]  # (B, 1, H, W)
+    probs = logits.softmax(1) * valid
+    onehot = F.one_hot(target.where(valid[:, 0], 0), logits.shape[1]).permute(0, 3, 1, 2) * valid  # (B, C, H, W)
+    inter = (probs * onehot).sum((0, 2, 3))
+    total = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    present = onehot.sum((0, 2, 3)) > 0
+    dice = (2 * inter + 1.0) / (total + 1.0)  # (C,)
+    return 1 - dice[present].mean()
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                      dice_weight: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over the labelled pixels plus ``dice_weight`` times `soft_dice_loss`: the loss of the baseline
+    and of the diffusion readout's conv head. logits (B, C, H, W), target (B, H, W)."""
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index)
+    if dice_weight:
+        loss = loss + dice_weight * soft_dice_loss(logits, target, ignore_index)
+    return loss
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A 5% linear warm-up, then cosine decay to 0 over ``steps``: the baseline's and the conv head's schedule."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+
+
 def fit_supervised(
     images: torch.Tensor,
     masks: torch.Tensor,
@@ -91,9 +120,12 @@ def fit_supervised(
     ignore_index: int = 255,
     augment: bool = True,
     max_shift: int = 0,
+    dice_weight: float = 0.0,
     seed: int = 0,
 ) -> SupervisedUNet:
-    """Train a `SupervisedUNet` on images (N, C, H, W) float in [-1, 1] and masks (N, H, W) of class ids."""
+    """Train a `SupervisedUNet` on images (N, C, H, W) float in [-1, 1] and masks (N, H, W) of class ids.
+    ``dice_weight`` > 0 adds that much soft Dice to the cross-entropy (the loss the diffusion readout's conv head
+    trains with)."""
     if images.ndim != 4 or masks.shape != (images.shape[0], *images.shape[2:]):
         raise DiffsegError(f"images {tuple(images.shape)} and masks {tuple(masks.shape)}: need (N, C, H, W), (N, H, W)")
     if steps < 1 or batch_size < 1:
@@ -108,11 +140,7 @@ def fit_supervised(
     generator = torch.Generator().manual_seed(seed)
     model = SupervisedUNet(in_channels=images.shape[1], num_classes=num_classes, widths=widths)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    # cosine decay to 0 over the budget, after a 5% linear warm-up
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
-    )
+    schedule = warmup_cosine(optimizer, steps)
     model.train()
     for _ in range(steps):
         idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
@@ -122,7 +150,7 @@ def fit_supervised(
             x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
         if max_shift > 0:
             x, y = random_shift(x, y, max_shift, ignore_index, generator)
-        loss = F.cross_entropy(model(x), y, ignore_index=ignore_index)
+        loss = segmentation_loss(model(x), y, ignore_index, dice_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -11,7 +11,6 @@ architecture; the readout is the `tuned` preset fitted on the 20 labelled canvas
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from diffseg_hf.readout import ReadoutConfig
 from diffseg_hf.recipe import SEGMENT_PRESETS
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
 from diffseg_hf.segmentation import fit_segmenter, SegSource, load_segmentation_data
+from raw_rows import RawRows
 
 def ema_unet(run: Path, step: int):
     unet, scheduler = load_model_and_scheduler(run)
@@ -44,11 +44,10 @@ def main() -> None:
     preset = SEGMENT_PRESETS[args.preset]
     protocol = FeatureProtocol(**{k: preset[k] for k in ("blocks", "timesteps", "noise", "num_noise_draws", "flip")})
     readout = ReadoutConfig(head=preset["head"], vote=preset["vote"], standardize=preset["standardize"])
-    rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
-    done = {r["step"] for r in rows if r["preset"] == args.preset}
+    rows = RawRows(args.out, key=lambda r: (r["step"], r["preset"]), sort=lambda r: r["step"])
     train = dev = None
     for step in args.steps:
-        if step in done:
+        if (step, args.preset) in rows:
             continue
         unet, scheduler = ema_unet(args.run, step)
         if train is None:
@@ -60,12 +59,10 @@ def main() -> None:
         seg, _ = fit_segmenter(unet, scheduler, train, model_location=str(args.run), protocol=protocol,
                                readout=readout)
         m = seg.evaluate(dev)
-        rows.append({"step": step, "preset": args.preset, "settings": {**protocol.to_dict(), **readout.to_dict()},
-                     "split": "dev", "num_eval": len(dev), "miou": m.miou,
-                     "pixel_accuracy": m.pixel_accuracy, "seconds": round(time.perf_counter() - started, 1)})
-        print(f"step {step:>5}: dev mIoU {100 * m.miou:.1f}", flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"rows": sorted(rows, key=lambda r: r["step"])}, indent=1))
+        rows.add({"step": step, "preset": args.preset, "settings": {**protocol.to_dict(), **readout.to_dict()},
+                  "split": "dev", "num_eval": len(dev), "miou": m.miou,
+                  "pixel_accuracy": m.pixel_accuracy, "seconds": round(time.perf_counter() - started, 1)},
+                 f"step {step:>5}: dev mIoU {100 * m.miou:.1f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from raw_rows import RawRows
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -35,12 +37,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
-    done = {(r["variant"], r["minutes"]) for r in rows}
+    rows = RawRows(args.out, key=lambda r: (r["variant"], r["minutes"]))
     diffseg = str(Path(sys.executable).with_name("diffseg"))
     for spec in args.variant:
         name, _, overrides = spec.partition("=")
-        if (name, args.minutes) in done:
+        if (name, args.minutes) in rows:
             continue
         sets = [o for o in re.split(r",(?![^\[]*\])", overrides) if o]  # commas inside [...] stay
         run = args.runs / name
@@ -57,15 +58,14 @@ def main() -> None:
                         "--configs", args.config, "--seeds", *map(str, args.seeds), "--out", str(scores)], check=True)
         scored = [r for r in json.loads(scores.read_text())["rows"] if r["config"] == args.config]
         mious = [100 * r["miou"] for r in scored]
-        rows.append({"variant": name, "overrides": sets, "recipe": args.recipe, "minutes": args.minutes,
-                     "steps": summary["steps"], "train_seconds": summary["train_seconds_total"],
-                     "images_per_s": summary["images_per_s"], "stopped_by": summary["stopped_by"],
-                     "readout": args.config, "seeds": [r["seed"] for r in scored], "dev_miou": mious,
-                     "dev_miou_mean": sum(mious) / len(mious)})
-        print(f"{name:<16} steps {summary['steps']:5d}  dev mIoU {rows[-1]['dev_miou_mean']:5.1f}  "
-              f"({', '.join(f'{m:.1f}' for m in mious)})", flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"rows": rows}, indent=1))
+        mean = sum(mious) / len(mious)
+        rows.add({"variant": name, "overrides": sets, "recipe": args.recipe, "minutes": args.minutes,
+                  "steps": summary["steps"], "train_seconds": summary["train_seconds_total"],
+                  "images_per_s": summary["images_per_s"], "stopped_by": summary["stopped_by"],
+                  "readout": args.config, "seeds": [r["seed"] for r in scored], "dev_miou": mious,
+                  "dev_miou_mean": mean},
+                 f"{name:<16} steps {summary['steps']:5d}  dev mIoU {mean:5.1f}  "
+                 f"({', '.join(f'{m:.1f}' for m in mious)})")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ through the toolkit's own `FeatureExtractor` (the same noise, timesteps and bloc
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,11 +24,12 @@ import torch.nn.functional as F
 
 from diffseg_hf.features import FeatureExtractor
 from diffseg_hf.pipeline import load_model_and_scheduler
-from diffseg_hf.readout import soft_dice_loss
+from diffseg_hf.supervised import soft_dice_loss
 from diffseg_hf.recipe import SegmentConfig
 from diffseg_hf.remote.pipeline_diffseg_segmentation import block_output
 from diffseg_hf.segment_runs import readout_config
 from diffseg_hf.segmentation import SegSource, fit_segmenter, load_segmentation_data
+from raw_rows import RawRows
 
 
 class GradFeatureExtractor(FeatureExtractor):
@@ -63,13 +63,12 @@ def main() -> None:
     args = ap.parse_args()
     shipped = SegmentConfig(preset="tuned")  # the protocol and readout options as a recipe's segment section sets them
     protocol = shipped.protocol
-    rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
-    done = {(r["config"], r["seed"]) for r in rows}
+    rows = RawRows(args.out, key=lambda r: (r["config"], r["seed"]))
     for seed in args.seeds:
         for spec in args.config:
             name, _, rest = spec.partition("=")
             unet_lr, steps = float(rest.split(",")[0]), int(rest.split(",")[1])
-            if (name, seed) in done:
+            if (name, seed) in rows:
                 continue
             unet, scheduler = load_model_and_scheduler(args.model)  # a fresh backbone per run
             res = unet.config.sample_size
@@ -108,11 +107,8 @@ def main() -> None:
             row = {"config": name, "unet_lr": unet_lr, "steps": steps, "seed": seed, "num_labeled": args.num_labeled,
                    "dev_miou_frozen": frozen, "dev_miou": tuned.miou, "per_class_iou": tuned.to_dict()["per_class_iou"],
                    "seconds": round(time.perf_counter() - started, 1), "model": args.model}
-            rows.append(row)
-            print(f"{name:<12} seed {seed}  frozen {100 * frozen:5.1f}  fine-tuned {100 * tuned.miou:5.1f}  "
-                  f"{row['seconds']:5.0f}s", flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"rows": rows}, indent=1))
+            rows.add(row, f"{name:<12} seed {seed}  frozen {100 * frozen:5.1f}  fine-tuned {100 * tuned.miou:5.1f}  "
+                          f"{row['seconds']:5.0f}s")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
 from diffseg_hf.remote.pixel_ensemble import predict_views
 from diffseg_hf.segmentation import fit_head, SegSource, load_segmentation_data
 from diffseg_hf.supervised import fit_supervised, predict_supervised
+from raw_rows import RawRows
 
 METHODS = ("diffusion", "random-unet", "pixels", "baseline")
 # The labelled sets are the first n canvases of one pool per seed. fashion-seg draws its layout for the whole pool
@@ -151,6 +152,8 @@ def main() -> None:
     # the baseline's budget and shifts as tuned on the dev split (segment.baseline_* defaults)
     ap.add_argument("--baseline-steps", type=int, default=SegmentConfig.baseline_steps)
     ap.add_argument("--baseline-max-shift", type=int, default=SegmentConfig.baseline_max_shift)
+    ap.add_argument("--baseline-dice", type=float, default=SegmentConfig.baseline_dice_weight,
+                    help="soft Dice weight added to the baseline's cross-entropy (segment.baseline_dice_weight)")
     ap.add_argument("--baseline-members", type=int, default=1,
                     help="supervised U-Nets per run, their softmax averaged (as --conv-members for the readout)")
     ap.add_argument("--oracle-images", type=int, default=10000, help="0: no oracle")
@@ -160,16 +163,11 @@ def main() -> None:
     ap.add_argument("--plot", action="store_true", help="only write the table and the PNG from --out")
     args = ap.parse_args()
 
-    rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
-    done = {(r["method"], r["num_labeled"], r["seed"]) for r in rows}
+    rows = RawRows(args.out, key=lambda r: (r["method"], r["num_labeled"], r["seed"]))
 
-    def save(row=None):
-        if row is not None:
-            rows.append(row)
-            print(f"{row['method']:<12} n={row['num_labeled']:<5} seed {row['seed']}  mIoU {100 * row['miou']:5.1f}"
-                  f"  ({row['seconds']} s)", flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"rows": rows}, indent=1))
+    def save(row):
+        rows.add(row, f"{row['method']:<12} n={row['num_labeled']:<5} seed {row['seed']}  mIoU "
+                      f"{100 * row['miou']:5.1f}  ({row['seconds']} s)")
 
     if not args.plot:
         unet, scheduler = load_model_and_scheduler(args.model)
@@ -190,7 +188,7 @@ def main() -> None:
         backbones["random-unet"] = random_unet
         for method in [m for m in args.methods if m != "baseline"]:
             for seed in args.seeds:
-                todo = [n for n in args.counts if (method, n, seed) not in done]
+                todo = [n for n in args.counts if (method, n, seed) not in rows]
                 if not todo:
                     continue
                 pool = load_segmentation_data(SegSource("fashion-seg", seed=100 + seed), "train",
@@ -223,22 +221,23 @@ def main() -> None:
                 pool = load_segmentation_data(SegSource("fashion-seg", seed=100 + seed), "train",
                                               num_images=max(POOL_SIZE, *args.counts), resolution=res)
                 for n in args.counts:
-                    if ("baseline", n, seed) in done:
+                    if ("baseline", n, seed) in rows:
                         continue
                     started = time.perf_counter()
                     sub = pool.subset(slice(0, n))
                     k = args.baseline_members
                     nets = [fit_supervised(sub.float_images(), sub.masks, num_classes=test.num_classes,
                                            steps=args.baseline_steps, max_shift=args.baseline_max_shift,
-                                           seed=seed * k + member) for member in range(k)]
+                                           dice_weight=args.baseline_dice, seed=seed * k + member)
+                            for member in range(k)]
                     result = score(predict_supervised(nets, test.float_images(), flip=True), test)
                     save({"method": "baseline", "num_labeled": n, "seed": seed, **result, "ddpm_steps": None,
                           "ddpm_train_minutes": None,
                           "settings": {"steps": args.baseline_steps, "max_shift": args.baseline_max_shift,
                                        "flip": True, "test_time_flip": True, "batch_size": 8, "lr": 2e-3,
-                                       "members": args.baseline_members},
+                                       "members": args.baseline_members, "dice_weight": args.baseline_dice},
                           "seconds": round(time.perf_counter() - started, 1)})
-        if args.oracle_images and ("oracle", args.oracle_images, 0) not in done:
+        if args.oracle_images and ("oracle", args.oracle_images, 0) not in rows:
             started = time.perf_counter()
             full = load_segmentation_data(SegSource("fashion-seg", seed=100), "train",
                                           num_images=args.oracle_images, resolution=res)
@@ -249,10 +248,10 @@ def main() -> None:
                   "ddpm_train_minutes": None, "settings": {"steps": args.oracle_steps, "batch_size": 32,
                                                            "max_shift": args.baseline_max_shift, "flip": True},
                   "seconds": round(time.perf_counter() - started, 1)})
-    table = summarize(rows, args.counts)
+    table = summarize(rows.rows, args.counts)
     print(table)
     args.out.with_suffix(".md").write_text(table + "\n")
-    plot(rows, args.counts, args.out.with_suffix(".png"))
+    plot(rows.rows, args.counts, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

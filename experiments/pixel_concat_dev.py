@@ -9,7 +9,6 @@ pixels (`label_curve.pixel_maps`: the image, Gaussian blurs sigma 1/2/4, Sobel x
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from diffseg_hf.recipe import SEGMENT_PRESETS  # noqa: E402
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol  # noqa: E402
 from diffseg_hf.segmentation import SegSource, load_segmentation_data  # noqa: E402
 from label_curve import PROTOCOL_KEYS, maps_for, pixel_maps, readout_run  # noqa: E402
+from raw_rows import RawRows  # noqa: E402
 
 
 def main() -> None:
@@ -46,19 +46,20 @@ def main() -> None:
     arms = {"diffusion": lambda x: extractor.extract(x).features,
             "diffusion+pixels": lambda x: torch.cat([extractor.extract(x).features, pixel_maps(x)], 1),
             "pixels": pixel_maps}
-    rows = []
+    rows = RawRows(args.out, key=lambda r: (r["arm"], r["seed"]))
     for name, fn in arms.items():
+        seeds = [s for s in args.seeds if (name, s) not in rows]
+        if not seeds:
+            continue
         train_views, dev_views = maps_for(fn, train, protocol.flip), maps_for(fn, dev, protocol.flip)
-        for seed in args.seeds:
+        for seed in seeds:
             started = time.perf_counter()
             readout = ReadoutConfig(**{k: preset[k] for k in ("head", "vote", "standardize")}, seed=seed)
             result = readout_run(train_views, train.masks, dev_views, dev, protocol, readout)
-            rows.append({"arm": name, "seed": seed, "split": "dev", "num_labeled": args.num_labeled,
-                         "num_eval": len(dev), **result, "feature_dim": int(dev_views[0].shape[1]),
-                         "model": args.model, "seconds": round(time.perf_counter() - started, 1)})
-            print(f"{name:<18} seed {seed}  mIoU {100 * result['miou']:5.1f}", flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"rows": rows}, indent=1))
+            rows.add({"arm": name, "seed": seed, "split": "dev", "num_labeled": args.num_labeled,
+                      "num_eval": len(dev), **result, "feature_dim": int(dev_views[0].shape[1]),
+                      "model": args.model, "seconds": round(time.perf_counter() - started, 1)},
+                     f"{name:<18} seed {seed}  mIoU {100 * result['miou']:5.1f}")
 
 
 if __name__ == "__main__":

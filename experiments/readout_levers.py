@@ -24,6 +24,7 @@ from diffseg_hf.readout import ReadoutConfig
 from diffseg_hf.recipe import SEGMENT_PRESETS
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
 from diffseg_hf.segmentation import fit_segmenter, SegSource, load_segmentation_data
+from raw_rows import RawRows
 
 PROTOCOL_KEYS = ("blocks", "timesteps", "noise", "num_noise_draws", "flip")
 UP = ("up_blocks.0", "up_blocks.1", "up_blocks.2")
@@ -109,11 +110,10 @@ def main() -> None:
                                          num_images=args.num_eval or 200, resolution=res)
     else:
         evalset = load_segmentation_data("fashion-seg", "test", num_images=args.num_eval or 500, resolution=res)
-    rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
-    done = {(r["config"], r["seed"], r["split"], r["num_labeled"]) for r in rows}
+    rows = RawRows(args.out, key=lambda r: (r["config"], r["seed"], r["split"], r["num_labeled"]))
     for name in names:
         for seed in args.seeds:
-            if (name, seed, args.split, args.num_labeled) in done:
+            if (name, seed, args.split, args.num_labeled) in rows:
                 continue
             cfg = every[name]
             protocol = FeatureProtocol(**{k: cfg[k] for k in PROTOCOL_KEYS})
@@ -129,10 +129,7 @@ def main() -> None:
                    "per_class_iou": metrics.to_dict()["per_class_iou"], "protocol": protocol.to_dict(),
                    "readout": readout.to_dict(), "fit_seconds": round(fit_s, 1),
                    "eval_seconds": round(time.perf_counter() - started, 1), "model": args.model}
-            rows.append(row)
-            print(f"{name:<32} seed {seed}  mIoU {100 * metrics.miou:5.1f}  fit {fit_s:5.1f}s", flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"rows": rows}, indent=1))
+            rows.add(row, f"{name:<32} seed {seed}  mIoU {100 * metrics.miou:5.1f}  fit {fit_s:5.1f}s")
 
 
 if __name__ == "__main__":

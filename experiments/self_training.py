@@ -11,7 +11,6 @@ Resumable: rows already in --out are skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from diffseg_hf.recipe import SEGMENT_PRESETS
 from diffseg_hf.remote.pipeline_diffseg_segmentation import FeatureProtocol
 from diffseg_hf.segmentation import SegSource, extract_views, load_segmentation_data
 from diffseg_hf.supervised import fit_supervised
+from raw_rows import RawRows
 
 PROTOCOL_KEYS = ("blocks", "timesteps", "noise", "num_noise_draws", "flip")
 
@@ -107,8 +107,7 @@ def main() -> None:
         dev_views = extract_views(extractor, dev, flip=False)[0]
         unl_views = extract_views(extractor, unl, flip=False)[0]
     print(f"extracted {len(dev)} dev + {len(unl)} unlabelled maps in {time.perf_counter() - started:.0f}s", flush=True)
-    rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
-    done = {(r["config"], r["seed"], r["num_labeled"], r["unlabelled"]) for r in rows}
+    rows = RawRows(args.out, key=lambda r: (r["config"], r["seed"], r["num_labeled"], r["unlabelled"]))
     for seed in args.seeds:
         pool = load_segmentation_data(SegSource("fashion-seg", seed=100 + seed), "train", num_images=100,
                                       resolution=res)
@@ -117,7 +116,7 @@ def main() -> None:
             train_views = extract_views(extractor, train, flip=False)[0]
         readout = ReadoutConfig(**{k: v for k, v in cfg.items() if k not in PROTOCOL_KEYS}, seed=seed)
         for name in names:
-            if (name, seed, args.num_labeled, args.unlabelled) in done:
+            if (name, seed, args.num_labeled, args.unlabelled) in rows:
                 continue
             c = {"threshold": 0.7, "labelled_share": 0.5, "steps": 1500, **configs[name]}
             started = time.perf_counter()
@@ -140,11 +139,8 @@ def main() -> None:
             row = {"config": name, **c, "seed": seed, "num_labeled": args.num_labeled, "unlabelled": args.unlabelled,
                    "miou": plain["miou"], "miou_region": region["miou"], "per_class_iou": plain["per_class_iou"],
                    "fit_seconds": round(fit_s, 1), "model": args.model}
-            rows.append(row)
-            print(f"{name:<22} seed {seed}  mIoU {100 * plain['miou']:5.1f}  region {100 * region['miou']:5.1f}  "
-                  f"fit {fit_s:5.1f}s", flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"rows": rows}, indent=1))
+            rows.add(row, f"{name:<22} seed {seed}  mIoU {100 * plain['miou']:5.1f}  "
+                          f"region {100 * region['miou']:5.1f}  fit {fit_s:5.1f}s")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from diffseg_hf.evaluation.segmentation import (
     format_iou_table,
     segmentation_metrics,
 )
-from diffseg_hf.supervised import SupervisedUNet, random_shift, fit_supervised, predict_supervised
+from diffseg_hf.supervised import SupervisedUNet, fit_supervised, predict_supervised, random_shift, soft_dice_loss
 
 # two 2x3 images: class 1 is one missed pixel in A and a perfect 5-pixel region in B
 TARGET_A, PRED_A = [[0, 0, 0], [0, 0, 1]], [[0, 0, 0], [0, 0, 0]]
@@ -172,3 +172,25 @@ def test_random_shift_moves_labels_with_pixels():
     labelled = y != 255
     assert torch.equal(y[labelled], (x[:, 0] > 0).long()[labelled])  # labels still match their pixels
     assert (~labelled).any() and not torch.equal(x, images)  # something moved, uncovered labels ignored
+
+
+def test_soft_dice_loss_by_hand():
+    # pixels a (class 0), b (class 1), c (ignored); class 2 is absent from the batch, so it does not count
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.1, 0.1, 0.8]])  # (pixel, class)
+    logits = probs.log().T.reshape(1, 3, 1, 3)  # (B, C, H, W): softmax gives back probs
+    target = torch.tensor([[[0, 1, 255]]])
+    dice0 = (2 * 0.7 + 1) / (0.7 + 0.3 + 1 + 1)  # (2 intersection + 1) / (sum of probs + pixels of the class + 1)
+    dice1 = (2 * 0.6 + 1) / (0.2 + 0.6 + 1 + 1)
+    assert soft_dice_loss(logits, target, 255).item() == pytest.approx(1 - (dice0 + dice1) / 2, abs=1e-6)
+    perfect = torch.tensor([[0, 1, 0]])
+    sharp = 50.0 * torch.nn.functional.one_hot(perfect, 3).permute(0, 2, 1).reshape(1, 3, 1, 3)
+    assert soft_dice_loss(sharp, perfect[:, None], 255).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_supervised_dice_weight_changes_the_loss_it_trains(one_thread):
+    images, masks = _bright_vs_dark(4, seed=0)
+    kw = dict(num_classes=2, steps=3, batch_size=2, widths=(8, 16), seed=0)
+    ce, ce_again = fit_supervised(images, masks, **kw), fit_supervised(images, masks, dice_weight=0.0, **kw)
+    dice = fit_supervised(images, masks, dice_weight=1.0, **kw)
+    assert all(torch.equal(p, q) for p, q in zip(ce.parameters(), ce_again.parameters()))  # 0: cross-entropy only
+    assert not torch.equal(ce.head.weight, dice.head.weight)

@@ -63,6 +63,8 @@ def test_baseline_members_vote_together_in_eval(classifier):
     assert result["baseline"]["miou"] == pytest.approx(meter.compute().miou, abs=1e-12)
     with pytest.raises(RecipeError, match=r"segment.baseline_members=0: need >= 1"):
         load_recipe("fashion-seg", ["segment.baseline_members=0"])
+    with pytest.raises(RecipeError, match=r"segment.baseline_dice_weight=-1.0: need >= 0"):
+        load_recipe("fashion-seg", ["segment.baseline_dice_weight=-1"])
 
 
 def test_eval_reports_both_models_and_json_keys(classifier, tmp_path):
