@@ -135,6 +135,10 @@ class TrainConfig:
     # (the winner depends on the CPU's oneDNN kernels: BENCHMARKS.md, issue #16); a resume keeps the run's choice
     channels_last: bool | Literal["auto"] = False
     fused_optimizer: bool = False  # torch's fused AdamW (one kernel for every parameter)
+    # torch.compile the UNet (accelerate's dynamo backend "inductor"; a CPU needs a C++ compiler). The first step
+    # compiles, and train.max_minutes counts it: on the 2-core AMD EPYC fashion-seg's path (bf16, NCHW) compiled in
+    # 56 s and then ran no faster (607 vs 594 ms/step), so no recipe sets it; it is for GPUs (bench/gpu.py)
+    compile: bool = False
     ema_decay: float = 0.9999  # diffusers EMAModel max decay
     ema_warmup: bool = True  # EMAModel warm-up: decay = 1 - (1 + step / inv_gamma) ** -power
     ema_inv_gamma: float = 1.0
@@ -242,8 +246,8 @@ class SegmentConfig:
     baseline_lr: float = 2e-3
     baseline_max_shift: int = 2  # random translations of up to this many pixels (with the flips it always gets)
     baseline_members: int = 1  # U-Nets with seeds seed * K + k, soft-voted (give it what conv_members gives the head)
-    # soft Dice added to its cross-entropy, as the conv head's dice_weight. fashion-seg's dev split (20 labels, 3 seeds):
-    # 19.7 mIoU at 1000 steps against 18.5 without (2000 steps: 19.6 / 19.0; 500: 17.3 / 17.5)
+    # soft Dice added to its cross-entropy, as the conv head's dice_weight; fashion-seg dev split (20 labels, 3 seeds):
+    # 19.7 mIoU at 1000 steps against 18.6 without (2000 steps: 19.6 / 19.0; 500: 17.3 / 17.5)
     baseline_dice_weight: float = 1.0
 
     def __post_init__(self):

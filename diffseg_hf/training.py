@@ -207,6 +207,7 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+        dynamo_backend="inductor" if cfg.compile else None,  # None: the launcher's --dynamo_backend, if any
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
     with _output_lock(accelerator, output_dir):
@@ -243,10 +244,11 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, fused=cfg.fused_optimizer or None)
     raw_optimizer, lr_scheduler = optimizer, _schedule(cfg, optimizer, horizon)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    unet, optimizer = accelerator.prepare(unet, optimizer)  # train.compile: prepare wraps it in torch.compile
+    bare = accelerator.unwrap_model(unet, keep_torch_compile=False)  # no DDP or compile wrapper: plain checkpoint keys
     ema.to(accelerator.device)
     state = TrainState()
-    objects = TrainingObjects(model=accelerator.unwrap_model(unet), optimizer=optimizer, lr_scheduler=lr_scheduler,
+    objects = TrainingObjects(model=bare, optimizer=optimizer, lr_scheduler=lr_scheduler,
                               ema=ema, progress=state, grad_scaler=accelerator.scaler)
     if resume_from is not None:
         load_checkpoint(resume_from, objects)
@@ -306,7 +308,7 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
                     f"loss is {last_loss} at step {state.step + 1}; kept the last good checkpoint "
                     f"({last_checkpoint or 'none yet'}); lower train.lr or use train.mixed_precision=no")
             lr_scheduler.step()
-            ema.step(accelerator.unwrap_model(unet).parameters())
+            ema.step(bare.parameters())
             state.step += 1
             state.images_seen += clean.shape[0] * accum * accelerator.num_processes
             ran = state.step - start_step
@@ -347,7 +349,7 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < stop_at:
                 last_checkpoint = checkpoint()
             if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < stop_at:
-                _sample_grid(accelerator, unet, ema, noise_scheduler, recipe, output_dir, state.step)
+                _sample_grid(accelerator, bare, ema, noise_scheduler, recipe, output_dir, state.step)
     bar.close()
     elapsed = time.perf_counter() - started
     if stopped_by == "max_steps" and state.horizon is not None and state.step == state.horizon < requested:
@@ -356,7 +358,7 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
     # 4. final checkpoint (so --resume latest --max-steps M extends the run), pipeline with EMA weights
     if last_checkpoint is None or last_checkpoint.name != f"{CHECKPOINT_PREFIX}{state.step}":
         checkpoint()  # also replaces a checkpoint-{step} that --resume latest skipped as corrupt
-    checksums = accelerator.gather(torch.tensor([_weights_checksum(accelerator.unwrap_model(unet))],
+    checksums = accelerator.gather(torch.tensor([_weights_checksum(bare)],
                                                 dtype=torch.float64, device=accelerator.device)).tolist()
     summary = {"recipe": recipe.name, "steps": state.step, "images_seen": state.images_seen,
                "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
@@ -373,7 +375,7 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
         ema.copy_to(final.parameters())
         save_pipeline(output_dir, final, noise_scheduler, recipe.to_yaml())
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    _sample_grid(accelerator, unet, ema, noise_scheduler, recipe, output_dir, state.step)
+    _sample_grid(accelerator, bare, ema, noise_scheduler, recipe, output_dir, state.step)
     # every rank leaves together: a rank that tears down its gloo process group while rank 0 is still sampling
     # left rank 0 hanging on exit about one launch in six
     accelerator.wait_for_everyone()
@@ -450,10 +452,9 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
     return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
 
 
-def _sample_grid(accelerator, unet, ema, noise_scheduler, recipe: Recipe, output_dir: Path, step: int) -> None:
+def _sample_grid(accelerator, model, ema, noise_scheduler, recipe: Recipe, output_dir: Path, step: int) -> None:
     if not accelerator.is_main_process or not recipe.can_sample:  # a feature backbone: no noisy timesteps learned
         return
-    model = accelerator.unwrap_model(unet)
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
     s = recipe.sample

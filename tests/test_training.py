@@ -271,6 +271,23 @@ def test_channels_last_and_fused_adamw_keep_the_maths_and_exact_resume(tmp_path)
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
+@pytest.mark.slow
+def test_compile_keeps_the_maths_and_plain_checkpoints(tmp_path):
+    """train.compile: the compiled UNet trains the same weights as eager to float tolerance, its checkpoints carry
+    the plain parameter names (no torch.compile prefix), and an eager run resumes from them."""
+    base = TINY_TRAIN + ["train.max_steps=4", "train.checkpoint_every=2", "train.mixed_precision=\"no\""]
+    train(load_recipe("fashion-cpu", base), tmp_path / "eager", progress=False)
+    summary = train(load_recipe("fashion-cpu", base + ["train.compile=true"]), tmp_path / "compiled", progress=False)
+    assert summary["steps"] == 4
+    a, b = _raw_weights(tmp_path / "eager" / "checkpoint-4"), _raw_weights(tmp_path / "compiled" / "checkpoint-4")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4) for k in a)
+    train(load_recipe("fashion-cpu", base + ["train.compile=true"]), tmp_path / "resumed", max_steps=2, progress=False)
+    resumed = train(load_recipe("fashion-cpu", base), tmp_path / "resumed", resume="latest", progress=False)
+    assert resumed["steps"] == 4 and resumed["steps_this_run"] == 2
+    c = _raw_weights(tmp_path / "resumed" / "checkpoint-4")
+    assert all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-4) for k in a)
+
+
 def test_probe_channels_last_times_both_layouts_and_leaves_the_model_as_it_was():
     """The train.channels_last=auto probe: the stated number of interleaved steps per layout, the decision is the
     shorter median, and the probed model keeps its weights and its NCHW layout (the probe trains copies)."""
