@@ -15,7 +15,6 @@ without autocast, on the first 1024 Fashion-MNIST test images at t = 50, 150, ..
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
