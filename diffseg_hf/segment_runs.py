@@ -112,9 +112,9 @@ def fit_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.Path
     summary = {"num_labeled": len(train), "head": seg.head, "fit_seconds": round(fit_seconds, 2), **stats}
     if baseline:
         started = time.perf_counter()
-        k = seg.baseline_members
+        k, images = seg.baseline_members, train.float_images()
         for member in range(k):  # one member: baseline/ itself; K: baseline/member-k/ (seed * K + k, as conv members)
-            net = fit_supervised(train.float_images(), train.masks, num_classes=train.num_classes,
+            net = fit_supervised(images, train.masks, num_classes=train.num_classes,
                                  steps=seg.baseline_steps, batch_size=seg.baseline_batch_size, lr=seg.baseline_lr,
                                  max_shift=seg.baseline_max_shift, dice_weight=seg.baseline_dice_weight,
                                  seed=seg.seed * k + member)

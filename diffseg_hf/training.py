@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import threading
@@ -42,7 +43,7 @@ from .build import build_scheduler, build_unet
 from .checkpoints import (CHECKPOINT_PREFIX, OutputLock, OutputLocked, TrainingObjects, checkpoint_progress,
                           load_checkpoint, resolve_resume, save_checkpoint)
 from .data import TrainBatches, load_images
-from .errors import DiffsegError
+from .errors import DiffsegError, RecipeError
 from .pipeline import save_pipeline
 from .recipe import Recipe
 from .sampling import grid_caption, sample, save_grid
@@ -201,6 +202,9 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
     `output_dir/.lock` for the whole run (a second run on the same folder refuses).
     """
     cfg, output_dir = recipe.train, Path(output_dir)
+    if cfg.compile and not torch.cuda.is_available() and not any(map(shutil.which, ("c++", "g++", "clang++"))):
+        raise RecipeError("train.compile=true needs a C++ compiler on CPU (torch.compile's inductor builds kernels): "
+                          "install one (apt-get install g++) or set train.compile=false")
     # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another precision;
     # a process that trains several recipes (ablate, bench, tests) starts each from a fresh one. PartialState (the
     # process group) is kept, and the launcher's precision still arrives through its environment variable.

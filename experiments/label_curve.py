@@ -226,7 +226,8 @@ def main() -> None:
                     started = time.perf_counter()
                     sub = pool.subset(slice(0, n))
                     k = args.baseline_members
-                    nets = [fit_supervised(sub.float_images(), sub.masks, num_classes=test.num_classes,
+                    images = sub.float_images()
+                    nets = [fit_supervised(images, sub.masks, num_classes=test.num_classes,
                                            steps=args.baseline_steps, max_shift=args.baseline_max_shift,
                                            dice_weight=args.baseline_dice, seed=seed * k + member)
                             for member in range(k)]

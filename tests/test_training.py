@@ -271,6 +271,15 @@ def test_channels_last_and_fused_adamw_keep_the_maths_and_exact_resume(tmp_path)
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
+def test_compile_without_a_cpu_compiler_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("diffseg_hf.training.shutil.which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe = load_recipe("fashion-cpu", TINY_TRAIN + ["train.max_steps=1", "train.compile=true"])
+    with pytest.raises(RecipeError, match=r"^train.compile=true needs a C\+\+ compiler on CPU .*train.compile=false$"):
+        train(recipe, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 @pytest.mark.slow
 def test_compile_keeps_the_maths_and_plain_checkpoints(tmp_path):
     """train.compile: the compiled UNet trains the same weights as eager to float tolerance, its checkpoints carry
