@@ -35,19 +35,27 @@ def main() -> None:
     ap.add_argument("--recipe", default="fashion-seg-demo")
     ap.add_argument("--config", default="tuned", help="the readout config scored (experiments/readout_levers.py)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--data", default="fashion-seg",
+                    help="the labelled data the readout is scored on (readout_levers.py --data): fashion-seg's dev "
+                         "split, or folder:PATH's dev/ split (the DDPM then trains on PATH/train/images and "
+                         "PATH/unlabeled, one channel)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    rows = RawRows(args.out, key=lambda r: (r["variant"], r["minutes"]))
+    rows = RawRows(args.out, key=lambda r: (r["variant"], r["minutes"], r.get("data", "fashion-seg")))
     diffseg = str(Path(sys.executable).with_name("diffseg"))
     for spec in args.variant:
         name, _, overrides = spec.partition("=")
-        if (name, args.minutes) in rows:
+        if (name, args.minutes, args.data) in rows:
             continue
         sets = [o for o in re.split(r",(?![^\[]*\])", overrides) if o]  # commas inside [...] stay
         run = args.runs / name
         cmd = [diffseg, "train", "--recipe", args.recipe, "--output-dir", str(run),
                "--set", f"train.max_minutes={args.minutes}", "--set", "train.lr_horizon=minutes",
                "--set", "train.sample_every=0"]
+        if args.data.startswith("folder:"):
+            folder = args.data.partition(":")[2]
+            cmd += ["--set", f"data.source=imagefolder:{folder}/train/images,{folder}/unlabeled", "--set",
+                    "data.channels=1"]
         for o in sets:
             cmd += ["--set", o]
         if not (run / "train_summary.json").is_file():
@@ -55,11 +63,12 @@ def main() -> None:
         summary = json.loads((run / "train_summary.json").read_text())
         scores = run / "dev_scores.json"
         subprocess.run([sys.executable, str(HERE / "readout_levers.py"), "--model", str(run), "--split", "dev",
-                        "--configs", args.config, "--seeds", *map(str, args.seeds), "--out", str(scores)], check=True)
+                        "--configs", args.config, "--seeds", *map(str, args.seeds), "--data", args.data,
+                        "--out", str(scores)], check=True)
         scored = [r for r in json.loads(scores.read_text())["rows"] if r["config"] == args.config]
         mious = [100 * r["miou"] for r in scored]
         mean = sum(mious) / len(mious)
-        rows.add({"variant": name, "overrides": sets, "recipe": args.recipe, "minutes": args.minutes,
+        rows.add({"variant": name, "data": args.data, "overrides": sets, "recipe": args.recipe, "minutes": args.minutes,
                   "steps": summary["steps"], "train_seconds": summary["train_seconds_total"],
                   "images_per_s": summary["images_per_s"], "stopped_by": summary["stopped_by"],
                   "readout": args.config, "seeds": [r["seed"] for r in scored], "dev_miou": mious,

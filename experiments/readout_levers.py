@@ -3,6 +3,8 @@
     # explore on a DEV split (canvases drawn from the Fashion-MNIST TRAIN split with another seed; the test
     # canvases are never read):
     python experiments/readout_levers.py --model runs/fashion-seg --split dev --configs grid --out runs/levers-dev.json
+    # the same on data of your own (folder:PATH with train/, dev/ and test/ splits; experiments/generalization.py):
+    python experiments/readout_levers.py --model runs/ddpm --data folder:PATH --split dev --configs grid --out rows.json
     # the shipped setting with each lever switched off, on the 500 test canvases, 3 classifier seeds:
     python experiments/readout_levers.py --model runs/fashion-seg --split test --configs onoff --seeds 0 1 2 \
         --out docs/segmentation/levers_test.json
@@ -81,9 +83,12 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--split", choices=["dev", "test"], default="dev")
     ap.add_argument("--configs", default="", help="a set name (grid, onoff) or comma-separated config names")
+    ap.add_argument("--data", default="fashion-seg",
+                    help="fashion-seg, or folder:PATH with train/ (the first --num-labeled), dev/ and test/ splits")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--num-labeled", type=int, default=20)
-    ap.add_argument("--num-eval", type=int, default=None, help="default: 200 dev / 500 test canvases")
+    ap.add_argument("--num-eval", type=int, default=None,
+                    help="default: fashion-seg's 200 dev / 500 test canvases, all of a folder's split")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
                     help="an ad-hoc config: a preset plus changes, "
                          "e.g. 'big={\"base\": \"reference\", \"timesteps\": [400]}'")
@@ -102,18 +107,25 @@ def main() -> None:
         every[name] = _config(spec.pop("base", "tuned"), **{k: tuple(v) if isinstance(v, list) else v
                                                               for k, v in spec.items()})
         names.append(name)
-    res = unet.config.sample_size
-    train = load_segmentation_data(SegSource("fashion-seg", seed=0), "train",
-                                   num_images=args.num_labeled, resolution=res)
-    if args.split == "dev":  # train-split canvases with another seed: never the test split
-        evalset = load_segmentation_data(SegSource("fashion-seg", seed=1), "train",
-                                         num_images=args.num_eval or 200, resolution=res)
-    else:
-        evalset = load_segmentation_data("fashion-seg", "test", num_images=args.num_eval or 500, resolution=res)
-    rows = RawRows(args.out, key=lambda r: (r["config"], r["seed"], r["split"], r["num_labeled"]))
+    res, channels = unet.config.sample_size, unet.config.in_channels
+    if args.data == "fashion-seg":
+        train = load_segmentation_data(SegSource("fashion-seg", seed=0), "train",
+                                       num_images=args.num_labeled, resolution=res)
+        if args.split == "dev":  # train-split canvases with another seed: never the test split
+            evalset = load_segmentation_data(SegSource("fashion-seg", seed=1), "train",
+                                             num_images=args.num_eval or 200, resolution=res)
+        else:
+            evalset = load_segmentation_data("fashion-seg", "test", num_images=args.num_eval or 500, resolution=res)
+    else:  # a folder with train/ (labelled), dev/ and test/ splits
+        source = SegSource(args.data)
+        train = load_segmentation_data(source, "train", num_images=args.num_labeled, resolution=res, channels=channels)
+        evalset = load_segmentation_data(source, args.split, num_images=args.num_eval, resolution=res,
+                                         channels=channels)
+    rows = RawRows(args.out, key=lambda r: (r["config"], r["seed"], r["split"], r["num_labeled"],
+                                            r.get("data", "fashion-seg"), r["model"]))
     for name in names:
         for seed in args.seeds:
-            if (name, seed, args.split, args.num_labeled) in rows:
+            if (name, seed, args.split, args.num_labeled, args.data, args.model) in rows:
                 continue
             cfg = every[name]
             protocol = FeatureProtocol(**{k: cfg[k] for k in PROTOCOL_KEYS})
@@ -124,8 +136,9 @@ def main() -> None:
             fit_s = time.perf_counter() - started
             started = time.perf_counter()
             metrics = segmenter.evaluate(evalset)
-            row = {"config": name, "seed": seed, "split": args.split, "num_labeled": args.num_labeled,
-                   "num_eval": len(evalset), "miou": metrics.miou, "pixel_accuracy": metrics.pixel_accuracy,
+            row = {"config": name, "seed": seed, "split": args.split, "data": args.data,
+                   "num_labeled": args.num_labeled, "num_eval": len(evalset), "miou": metrics.miou,
+                   "pixel_accuracy": metrics.pixel_accuracy,
                    "per_class_iou": metrics.to_dict()["per_class_iou"], "protocol": protocol.to_dict(),
                    "readout": readout.to_dict(), "fit_seconds": round(fit_s, 1),
                    "eval_seconds": round(time.perf_counter() - started, 1), "model": args.model}
