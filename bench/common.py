@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from diffseg_hf import allocator
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHILD_MARKER = "BENCH_CHILD_RESULT "
 
@@ -106,6 +108,7 @@ def machine_state(busy_interval_s: float = 0.5) -> dict[str, Any]:
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_model": _cpu_model(),
         "torch_threads": torch.get_num_threads(),
+        "allocator": allocator.status(),  # diffseg_hf.allocator: kept freed memory, or the system malloc and why
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
@@ -418,12 +421,17 @@ def cli(description: str, argv: Sequence[str] | None = None,
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small repeats and sizes (minutes on 2 cores)")
     parser.add_argument("--json", type=Path, default=None, help="write the result to this JSON file")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc malloc as it is (default: keep freed memory, as `diffseg` and train() do)")
     if profile:
         parser.add_argument("--profile", action="store_true",
                             help="also record the top ops (torch.profiler) of the runs each target compares")
     if add_arguments is not None:
         add_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.system_malloc:
+        allocator.keep_freed_memory()
+    return args
 
 
 def report(res: dict[str, Any], columns: Sequence[str], json_path: str | os.PathLike | None) -> None:

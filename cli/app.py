@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import typer
 
+from diffseg_hf import allocator
+
 from . import ddpm, evaluate, hub, segment
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -16,6 +18,7 @@ app.add_typer(segment.app, name="segment")
 
 
 def main() -> None:
+    allocator.keep_freed_memory()  # process-wide: the commands' large CPU tensors stop page-faulting
     app()
 
 

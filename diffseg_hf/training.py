@@ -39,6 +39,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
+from . import allocator
 from .build import build_scheduler, build_unet
 from .checkpoints import (CHECKPOINT_PREFIX, OutputLock, OutputLocked, TrainingObjects, checkpoint_progress,
                           load_checkpoint, resolve_resume, save_checkpoint)
@@ -199,9 +200,12 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
     `max_steps` stops the run at that step (default: train.max_steps); the LR schedule spans
     max(train.max_steps, max_steps), so `--max-steps N` then `--resume latest` equals one straight run.
     `step_callback(step, loss)` runs after every optimizer step on every process. The main process holds
-    `output_dir/.lock` for the whole run (a second run on the same folder refuses).
+    `output_dir/.lock` for the whole run (a second run on the same folder refuses). The process keeps freed
+    memory from here on (`allocator.keep_freed_memory`: no page faults per step on glibc; DIFFSEG_SYSTEM_MALLOC=1
+    opts out).
     """
     cfg, output_dir = recipe.train, Path(output_dir)
+    allocator.keep_freed_memory()
     if cfg.compile and not torch.cuda.is_available() and not any(map(shutil.which, ("c++", "g++", "clang++"))):
         raise RecipeError("train.compile=true needs a C++ compiler on CPU (torch.compile's inductor builds kernels): "
                           "install one (apt-get install g++) or set train.compile=false")
@@ -372,8 +376,8 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
                                      / max(elapsed, 1e-9), 2),
                "stopped_by": stopped_by, "lr_horizon_steps": horizon, "lr_horizon_fits": state.horizons,
                "last_lr": lr_scheduler.get_last_lr()[0], "last_loss": last_loss, "loss_history": state.history,
-               "channels_last": channels_last, "layout_probe": probe, "rank_weight_checksums": checksums,
-               "can_sample": recipe.can_sample}
+               "channels_last": channels_last, "layout_probe": probe, "allocator": allocator.status(),
+               "rank_weight_checksums": checksums, "can_sample": recipe.can_sample}
     if accelerator.is_main_process:
         final = build_unet(recipe)
         ema.copy_to(final.parameters())

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY_MODEL
+from diffseg_hf import allocator
 from diffseg_hf.build import build_scheduler, build_unet
 from diffseg_hf.errors import CheckpointError, DataError, RecipeError
 from diffseg_hf.models import load_unet
@@ -319,6 +320,7 @@ def test_channels_last_auto_probes_once_and_a_resume_keeps_its_choice(tmp_path):
     auto = load_recipe("fashion-cpu", base + ["train.channels_last=auto"])
     first = train(auto, tmp_path / "auto", max_steps=2, progress=False)
     probe, chosen = first["layout_probe"], first["channels_last"]
+    assert first["allocator"] == allocator.status() != "system malloc: not configured"  # train() configured it
     assert isinstance(chosen, bool) and probe["channels_last"] == chosen and probe["seconds"] > 0
     assert len(probe["nchw_ms"]) == len(probe["nhwc_ms"]) == 3
     state = json.loads((tmp_path / "auto" / "checkpoint-2" / "training_state.json").read_text())
