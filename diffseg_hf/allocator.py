@@ -2,11 +2,12 @@
 
 A training step allocates and frees the same large activations every step. glibc's malloc gives freed memory at
 the top of its heap back to the kernel once it exceeds a threshold, and serves blocks above another threshold
-with fresh `mmap`s, so every step touches new pages again: the parameter-matched ConvNeXt took about 68,000 minor
-page faults per step (batch 64, 32 px, bf16) and the ResNet baseline in channels_last about 16,000. Setting the
-mmap threshold to glibc's ceiling (32 MiB on 64-bit) and never trimming the heap leaves them at zero after the
-first steps: ConvNeXt's step ran 15% faster and the baseline's 7-9% on the 2-core AMD EPYC (BENCHMARKS.md,
-"Keeping freed memory"). The cost: the process keeps its peak heap until it exits instead of returning it.
+with fresh `mmap`s, so every step touches new pages again: the parameter-matched ConvNeXt took about 66,000 minor
+page faults per step (batch 64, 32 px, bf16), the baseline's default path about 24,000 and stock diffusers in fp32
+about 61,000. Setting the mmap threshold to glibc's ceiling (32 MiB on 64-bit) and never trimming the heap leaves
+almost none after the first steps: on the 2-core AMD EPYC, one model per process, ConvNeXt's step ran 1.08x as
+fast, the default path's 1.05x and stock fp32's 1.13x, at the same peak memory (BENCHMARKS.md, "Keeping freed
+memory"). The cost: the process keeps its peak heap until it exits instead of returning it.
 
 `keep_freed_memory()` is process-wide and idempotent; `train()` and the `diffseg` command call it. It does
 nothing where it cannot or should not act, and says why:
@@ -15,7 +16,7 @@ nothing where it cannot or should not act, and says why:
   allocator such as jemalloc or tcmalloc in LD_PRELOAD);
 - DIFFSEG_SYSTEM_MALLOC=1 (the opt-out).
 Only the heap's trim threshold and the mmap threshold change: setting the trim threshold alone would switch off
-glibc's dynamic mmap threshold and make every block above 128 KiB a fresh mmap, which measured 1.6x slower.
+glibc's dynamic mmap threshold and make every block above 128 KiB a fresh mmap, which measured 1.6-1.9x slower.
 """
 
 from __future__ import annotations
