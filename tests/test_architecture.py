@@ -18,8 +18,8 @@ README = ROOT / "README.md"
 # Low -> high. A module may import modules of its own layer or of a lower one, never of a higher one.
 # Entries are dotted names below diffseg_hf, fnmatch patterns allowed; a package name means its __init__.py.
 LAYERS: list[tuple[str, ...]] = [
-    ("", "errors", "registries", "offline", "remote", "remote.*"),  # leaves: registries holds names, remote/ ships
-    # in folders, offline detects a missing network before a Hub call
+    ("", "errors", "registries", "offline", "allocator", "remote", "remote.*"),  # leaves: registries holds names,
+    # remote/ ships in folders, offline detects a missing network before a Hub call, allocator sets glibc malloc
     ("recipe",),  # the validated config; knows registries by name only (diffseg_hf.registries)
     ("data.readers", "data.transforms"),  # files on disk -> arrays; torchvision-free transforms
     ("data.segmentation",),  # labelled sets (VOC, fashion-seg) built on the readers
