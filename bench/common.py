@@ -234,9 +234,11 @@ def run_child(target: str, kwargs: dict[str, Any], *, timeout_s: float = 1800) -
     """Run ``module:function(**kwargs)`` in a fresh Python process; its returned dict plus
     ``peak_rss_mb`` (VmHWM at exit), ``rss_after_import_mb`` and ``ru_maxrss_mb``.
 
-    The child inherits the environment (OMP_NUM_THREADS) and gets this process's torch thread count.
+    The child inherits the environment (OMP_NUM_THREADS), this process's torch thread count and its allocator
+    setting (`diffseg_hf.allocator`: kept freed memory or the system malloc).
     """
-    payload = json.dumps({"target": target, "kwargs": kwargs, "threads": torch.get_num_threads()})
+    payload = json.dumps({"target": target, "kwargs": kwargs, "threads": torch.get_num_threads(),
+                          "keep_freed_memory": allocator.status().startswith("kept")})
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "bench.common", payload], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout_s)
@@ -249,6 +251,8 @@ def run_child(target: str, kwargs: dict[str, Any], *, timeout_s: float = 1800) -
 
 def _child_main(payload: str) -> None:
     spec = json.loads(payload)
+    if spec.get("keep_freed_memory"):
+        allocator.keep_freed_memory()
     torch.set_num_threads(spec["threads"])
     module, func = spec["target"].split(":")
     fn = getattr(importlib.import_module(module), func)
