@@ -238,7 +238,7 @@ def run_child(target: str, kwargs: dict[str, Any], *, timeout_s: float = 1800) -
     setting (`diffseg_hf.allocator`: kept freed memory or the system malloc).
     """
     payload = json.dumps({"target": target, "kwargs": kwargs, "threads": torch.get_num_threads(),
-                          "keep_freed_memory": allocator.status().startswith("kept")})
+                          "keep_freed_memory": allocator.kept()})
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "bench.common", payload], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout_s)

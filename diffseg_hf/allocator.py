@@ -29,6 +29,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 * 2**20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit; blocks above it are still mmapped
 TRIM_THRESHOLD = 2**31 - 1  # an int: never trim the heap's top in practice
 OPT_OUT = "DIFFSEG_SYSTEM_MALLOC"
+KEPT = "kept freed memory"  # how status() begins once the settings are applied
 _USER_MALLOC_VARS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
                      "MALLOC_ARENA_MAX")
 
@@ -42,6 +43,11 @@ def keep_freed_memory() -> str:
     if _status is None:
         _status = _apply()
     return _status
+
+
+def kept() -> bool:
+    """Whether this process keeps freed memory (`keep_freed_memory` ran and applied the settings)."""
+    return _status is not None and _status.startswith(KEPT)
 
 
 def status() -> str:
@@ -61,7 +67,7 @@ def _apply() -> str:
         return f"system malloc: mallopt unavailable ({e})"
     if not ok:
         return "system malloc: mallopt refused the settings"
-    return f"kept freed memory (glibc mallopt: mmap threshold {MMAP_THRESHOLD >> 20} MiB, no heap trimming)"
+    return f"{KEPT} (glibc mallopt: mmap threshold {MMAP_THRESHOLD >> 20} MiB, no heap trimming)"
 
 
 def _reason_to_skip() -> str | None:
