@@ -95,7 +95,8 @@ def _describe_fid(name: str, m: dict) -> str:
 
 
 def _describe_miou(name: str, m: dict) -> str:
-    rows = [("pixel MLPs on DDPM features", m)]
+    protocol = m.get("protocol") if isinstance(m.get("protocol"), dict) else {}
+    rows = [(f"{protocol.get('readout', 'pixel MLPs')} on DDPM features", m)]
     if isinstance(m.get("baseline"), dict):
         rows.append(("supervised baseline (same labelled images)", m["baseline"]))
     lines = [f"### {name}\n\n| model | mIoU | pixel accuracy |\n|---|---|---|\n" + "\n".join(

@@ -78,3 +78,9 @@ class ReadoutConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def describe(self) -> str:
+        """The head in a few words, for tables: "5 soft-voted conv heads", "10 pixel MLPs, hard vote"."""
+        if self.head == "conv":
+            return "a conv head" if self.conv_members == 1 else f"{self.conv_members} soft-voted conv heads"
+        return f"{self.num_members} pixel MLPs, {self.vote} vote"

@@ -178,7 +178,7 @@ def evaluate_classifier(classifier_dir: str | os.PathLike, *, model: str | None 
     metrics = segmenter.evaluate(test)
     result = {**metrics.to_dict(), "num_test_images": len(test),
               "eval_seconds": round(time.perf_counter() - started, 2), "protocol": _protocol(segmenter, test)}
-    tables = [f"## diffusion features + pixel MLPs\n\n{format_iou_table(metrics)}"]
+    tables = [f"## diffusion features + {segmenter.readout.describe()}\n\n{format_iou_table(metrics)}"]
     base_dir = classifier_dir / BASELINE_DIR
     base_pred = None
     if base_dir.is_dir():
@@ -206,7 +206,7 @@ def _protocol(segmenter: Segmenter, test: SegmentationSet) -> dict:
     return {"test_images": len(test), "test_split": segmenter.config["dataset"]["test_split"],
             "dataset": SegSource.from_dict(segmenter.config["dataset"]).dataset, "feature_blocks": f["blocks"],
             "timesteps": f["timesteps"], "noise": f["noise"], "noise_seed": f["noise_seed"],
-            "flip": segmenter.protocol.flip, "head": readout.head, "vote": readout.vote,
+            "flip": segmenter.protocol.flip, "head": readout.head, "readout": readout.describe(), "vote": readout.vote,
             "standardize": readout.standardize,
             "feature_dim": f["feature_dim"], "num_labeled": fit["num_labeled"], "classifier_seed": fit["seed"],
             "miou": "intersections and unions summed over the test set per class; classes absent from "

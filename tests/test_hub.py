@@ -46,7 +46,8 @@ FID = {"metric_name": "FID (fashion-mnist-cnn128 features)", "fid": 12.345, "kid
        "num_fake": 1000, "num_features": 128, "kid_subset_size": 1000, "fid_full_rank": True}
 SEG = {"miou": 0.4321, "pixel_accuracy": 0.9, "per_class_iou": {"background": 0.9, "shirt": 0.11, "shoe": 0.29},
        "num_test_images": 500, "baseline": {"miou": 0.2591, "pixel_accuracy": 0.8},
-       "protocol": {"dataset": "fashion-seg", "num_labeled": 20, "timesteps": [50, 150, 250]}}
+       "protocol": {"dataset": "fashion-seg", "num_labeled": 20, "timesteps": [50, 150, 250],
+                    "readout": "5 soft-voted conv heads"}}
 BLOCKER = """
 import importlib.abc, sys
 class _Block(importlib.abc.MetaPathFinder):
@@ -307,7 +308,7 @@ def test_model_card_metadata_recipe_metrics_and_usage(run_dir):
     assert meta["tags"] == ["diffusers", "ddpm", "diffseg-hf", "unconditional-image-generation", "image-segmentation"]
     assert RECIPE.strip() in card and "| last_loss | 0.1234 |" in card
     assert "| 12.345 | 0.0123 ± 0.0010 | 0.610 | 0.550 |" in card and "fashion-mnist-cnn128" in card
-    assert "| pixel MLPs on DDPM features | 0.4321 | 0.9000 |" in card and "| shirt | 0.1100 |" in card
+    assert "| 5 soft-voted conv heads on DDPM features | 0.4321 | 0.9000 |" in card and "| shirt | 0.1100 |" in card
     assert "| supervised baseline (same labelled images) | 0.2591 |" in card and '- num_labeled: 20' in card
     assert card.count("How measured") == 3  # training summary, FID, mIoU
     assert 'DiffusionPipeline.from_pretrained("me/tiny-ddpm", trust_remote_code=True)' in card

@@ -250,6 +250,13 @@ def test_mlp_ensemble_with_flip_and_soft_vote_matches_the_exported_pipeline(tmp_
 
 
 # the protocol object and the presets ------------------------------------------------------------------
+def test_readout_describes_its_head_in_words():
+    assert ReadoutConfig().describe() == "10 pixel MLPs, hard vote"
+    assert ReadoutConfig(num_members=3, vote="soft").describe() == "3 pixel MLPs, soft vote"
+    assert ReadoutConfig(head="conv").describe() == "a conv head"
+    assert ReadoutConfig(head="conv", conv_members=5).describe() == "5 soft-voted conv heads"
+
+
 def test_feature_protocol_validates_and_reads_old_classifier_configs():
     old = {"blocks": None, "timesteps": [50, 150, 250], "noise": "fixed", "num_noise_draws": 1, "noise_seed": 0,
            "feature_dim": 672, "layout": []}  # a "features" section written before flip existed

@@ -77,6 +77,9 @@ def test_eval_reports_both_models_and_json_keys(classifier, tmp_path):
     assert 0 <= result["pixel_accuracy"] <= 1 and result["num_test_images"] == 6
     assert set(result["baseline"]) == {"miou", "pixel_accuracy", "per_class_iou"}
     assert (classifier / "eval_panel.png").is_file() and "mean IoU" in (classifier / "eval.md").read_text()
+    readout = Segmenter.load(classifier).readout  # eval.md and the JSON name the head that was fitted
+    assert result["protocol"]["readout"] == readout.describe()
+    assert f"## diffusion features + {readout.describe()}\n" in (classifier / "eval.md").read_text()
 
 
 def test_reloaded_classifier_reproduces_predictions(classifier, ddpm):
