@@ -41,7 +41,8 @@ def classifier(ddpm, tmp_path_factory):
 
 def test_fit_writes_a_self_describing_folder(classifier, ddpm):
     config = json.loads((classifier / "classifier_config.json").read_text())["config"]
-    assert config["features"]["timesteps"] == [5, 20] and config["features"]["noise"] == "fixed"
+    assert config["features"]["timesteps"] == [5, 20]
+    assert config["features"]["noise"] == "mean" and config["features"]["num_noise_draws"] == 4  # the tuned preset
     assert config["features"]["blocks"] == ["up_blocks.0", "up_blocks.1"]
     # D = (16 + 8) channels x 2 timesteps, computed from the model
     assert config["features"]["feature_dim"] == 48
