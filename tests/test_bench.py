@@ -72,6 +72,29 @@ def test_time_interleaved_runs_warmups_then_timed_rounds():
     assert out["b"].per_second(4) == pytest.approx(4 / out["b"].median_s)
 
 
+def test_timing_median_lies_inside_its_recorded_spread(monkeypatch):
+    """The median and the recorded times come from the same rounded list, so a per-step spread derived from the
+    times always contains the median (a 1-repeat row once had min 26.73 > median 26.728 ms: raw median, rounded
+    times)."""
+    durations = iter([0.0534567, 0.0534561, 0.0534569])  # round(., 5) moves each by up to 5 us
+    clock = [0.0]
+
+    def fake_perf_counter():
+        clock[0] += next(durations) if len(marks) % 2 else 0.0  # every second call closes a timed interval
+        marks.append(clock[0])
+        return clock[0]
+
+    marks: list[float] = []
+    monkeypatch.setattr(common.time, "perf_counter", fake_perf_counter)
+    for repeats in (1, 3):
+        durations, clock[0], marks[:] = iter([0.0534567, 0.0534561, 0.0534569]), 0.0, []
+        tm = common.time_it(lambda: None, warmup=0, repeats=repeats)
+        assert min(tm.times_s) <= tm.median_s <= max(tm.times_s)
+        per_step = [round(t / 2 * 1e3, 3) for t in tm.times_s]
+        assert min(per_step) <= round(tm.median_s / 2 * 1e3, 3) <= max(per_step)
+    assert tm.times_s == [0.05346, 0.05346, 0.05346] and tm.median_s == 0.05346
+
+
 def test_count_flops_divides_grouped_weight_gradient_by_groups():
     torch.manual_seed(0)
     b, c, h, k = 2, 16, 8, 3
