@@ -171,9 +171,9 @@ class SampleConfig:
 # The readout settings that `segment.preset` fills in when a recipe leaves them unset. "reference" is the
 # protocol of Baranchuk et al. 2021 (the defaults of FeatureProtocol and ReadoutConfig, tested equal); "tuned"
 # is the best setting measured on fashion-seg's DEV split (train-split canvases, never the test split; BENCHMARKS.md,
-# "Readout levers"), with the features averaged over 4 noise draws, the one lever that moved every dev split we
-# have in the same direction (+0.3 to +0.8 on three generators; BENCHMARKS.md, "Noise draws"); `diffseg segment
-# tune` re-chooses timesteps, blocks and head on a user's labelled images.
+# "Readout levers"), with the features averaged over 4 noise draws, which moved every dev split we measured it on
+# the same way (+0.3 to +0.8 per seed on two generators; BENCHMARKS.md, "Noise draws"); `diffseg segment tune`
+# re-chooses timesteps, blocks and head on a user's labelled images.
 SEGMENT_PRESETS: dict[str, dict[str, Any]] = {
     "reference": {"blocks": None, "timesteps": (50, 150, 250), "noise": "fixed", "num_noise_draws": 1,
                   "flip": False, "head": "mlp-ensemble", "vote": "hard", "standardize": False},

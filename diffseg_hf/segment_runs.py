@@ -205,7 +205,8 @@ def _protocol(segmenter: Segmenter, test: SegmentationSet) -> dict:
     f, fit, readout = segmenter.config["features"], segmenter.config["fit"], segmenter.readout
     return {"test_images": len(test), "test_split": segmenter.config["dataset"]["test_split"],
             "dataset": SegSource.from_dict(segmenter.config["dataset"]).dataset, "feature_blocks": f["blocks"],
-            "timesteps": f["timesteps"], "noise": f["noise"], "noise_seed": f["noise_seed"],
+            "timesteps": f["timesteps"], "noise": f["noise"], "num_noise_draws": segmenter.protocol.num_noise_draws,
+            "noise_seed": f["noise_seed"],
             "flip": segmenter.protocol.flip, "head": readout.head, "readout": readout.describe(), "vote": readout.vote,
             "standardize": readout.standardize,
             "feature_dim": f["feature_dim"], "num_labeled": fit["num_labeled"], "classifier_seed": fit["seed"],

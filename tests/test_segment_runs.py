@@ -80,6 +80,7 @@ def test_eval_reports_both_models_and_json_keys(classifier, tmp_path):
     assert (classifier / "eval_panel.png").is_file() and "mean IoU" in (classifier / "eval.md").read_text()
     readout = Segmenter.load(classifier).readout  # eval.md and the JSON name the head that was fitted
     assert result["protocol"]["readout"] == readout.describe()
+    assert result["protocol"]["noise"] == "mean" and result["protocol"]["num_noise_draws"] == 4  # the tuned preset
     assert f"## diffusion features + {readout.describe()}\n" in (classifier / "eval.md").read_text()
 
 
