@@ -340,8 +340,9 @@ def _targets(cfg: Config, rows: list[dict], timings: dict, default: str, specs: 
                  "equal config, both fp32, interleaved in one process"),
            entry("train_step.baseline_default_precision_vs_stock_fp32", f"resnet/{default}", "stock/fp32", 1.3,
                  f"{cfg.recipe} train.mixed_precision -> {default}"
-                 + (f" (attention: bf16 matmuls, fp32 softmax); share of the bf16 matmul ceiling: baseline {share['resnet', 'bf16']:.0%}, "
-                    f"stock {share.get(('stock', 'bf16'), 0):.0%}" if default == "bf16" else ""))]
+                 + (" (attention: bf16, fp32 statistics inside softmax and group norm); share of the bf16 matmul "
+                    f"ceiling: baseline {share['resnet', 'bf16']:.0%}, stock {share.get(('stock', 'bf16'), 0):.0%}"
+                    if default == "bf16" else ""))]
     if default != "bf16" and "resnet/bf16" in timings:
         out.append(entry("train_step.baseline_bf16_vs_stock_fp32", "resnet/bf16", "stock/fp32", 1.3,
                          f"bf16 autocast, the candidate default; share of the bf16 matmul ceiling: "

@@ -1,8 +1,10 @@
-"""Interleaved A/B of the baseline's default training step (bf16 autocast, NCHW, fused AdamW, batch 64) with its
-attention in float32 (FP32AttnProcessor, flash SDPA: what ships) against bf16 matmuls with a float32 softmax
-(issue #16's attention lead, BENCHMARKS.md). Also the stock fp32 reference, and the two arms' losses and outputs
-after the same steps from the same weights. 2 warm-up rounds, `--repeats` of 2 steps; median [min, max] ms/step.
-Run it with nothing else on the machine.
+"""Interleaved A/B of the baseline's default training step (bf16 autocast, NCHW, fused AdamW, batch 64) with three
+attention processors: float32 flash SDPA (FP32AttnProcessor), the mixed-precision processor as first shipped (bf16
+matmuls around a group norm and softmax on float32 copies: `Fp32CopiesAttnProcessor` below) and as it ships now
+(MixedPrecisionAttnProcessor: bf16 tensors throughout, float32 statistics inside torch's group norm and softmax
+kernels, the scale inside QK^T). Also the stock fp32 reference, and each arm's losses and parameters after the same
+steps from the same weights. 2 warm-up rounds, `--repeats` of 2 steps; median [min, max] ms/step. Run it with
+nothing else on the machine.
 
     python experiments/attention_ab.py docs/bench/attention_ab_amd.json
     python experiments/attention_ab.py OUT.json --held-out RUN_A RUN_B   # eps-MSE of trained runs' EMA UNets
@@ -29,7 +31,26 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 
 from bench.train_step import Config, variant_specs  # noqa: E402
 from convnext_levers import arm  # noqa: E402
-from diffseg_hf.remote.diffseg_unet import MixedPrecisionAttnProcessor  # noqa: E402
+from diffseg_hf.remote.diffseg_unet import FP32AttnProcessor, MixedPrecisionAttnProcessor  # noqa: E402
+
+
+class Fp32CopiesAttnProcessor(MixedPrecisionAttnProcessor):
+    """MixedPrecisionAttnProcessor as first shipped (2026-12-04): group norm and softmax on float32 copies."""
+
+    @staticmethod
+    def norm(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            return attn.group_norm(x.float())
+
+    @staticmethod
+    def probs(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        with torch.autocast("cpu", enabled=False):
+            return (scores.float() * attn.scale).softmax(-1).to(q.dtype)
+
+
+PROCESSORS = {"fp32-attn": FP32AttnProcessor, "mixed-fp32-copies": Fp32CopiesAttnProcessor,
+              "mixed": MixedPrecisionAttnProcessor}
 
 
 def main() -> None:
@@ -46,15 +67,17 @@ def main() -> None:
         args.out.write_text(json.dumps({"held_out_eps_mse": losses, "cpu_model": _cpu()}, indent=1))
         return
     specs, _ = variant_specs(Config())
-    arms = {"stock/fp32/nchw": arm(*specs["stock"], "fp32", False, 64),
-            "resnet/bf16/nchw-fused/fp32-attn": arm(*specs["resnet"], "bf16", False, 64, fused=True)}
-    model, _ = arms["resnet/bf16/nchw-fused/fp32-attn"]
-    bf16 = arm(*specs["resnet"], "bf16", False, 64, fused=True)
-    bf16[0].load_state_dict(model.state_dict())
-    for module in bf16[0].modules():
-        if isinstance(module, Attention):
-            module.set_processor(MixedPrecisionAttnProcessor())
-    arms["resnet/bf16/nchw-fused/bf16-attn"] = bf16
+    arms = {"stock/fp32/nchw": arm(*specs["stock"], "fp32", False, 64)}
+    first = None
+    for label, processor in PROCESSORS.items():
+        model, step = arm(*specs["resnet"], "bf16", False, 64, fused=True)
+        if first is None:
+            first = model
+        model.load_state_dict(first.state_dict())
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.set_processor(processor())
+        arms[f"resnet/bf16/nchw-fused/{label}"] = (model, step)
     losses = {name: [] for name in arms}
     for _ in range(2):
         for name, (_, step) in arms.items():
@@ -71,9 +94,12 @@ def main() -> None:
         print(f"{name:34s} {statistics.median(ms):8.1f} [{min(ms):.1f}, {max(ms):.1f}]  "
               f"vs stock fp32 {stock / statistics.median(ms):.2f}x  loss first/last "
               f"{losses[name][0]:.4f}/{losses[name][-1]:.4f}")
-    a, b = arms["resnet/bf16/nchw-fused/fp32-attn"][0], bf16[0]
-    drift = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
-    print(f"max parameter difference after {len(losses[name])} identical steps: {drift:.2e}")
+    drift = {}
+    for label in PROCESSORS:
+        a, b = first, arms[f"resnet/bf16/nchw-fused/{label}"][0]
+        drift[label] = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+    print(f"max parameter difference from the {next(iter(PROCESSORS))} arm after {len(losses[name])} identical "
+          f"steps: {drift}")
     args.out.write_text(json.dumps({"ms_per_step": times, "losses": losses, "max_param_diff": drift,
                                     "cpu_model": _cpu()}, indent=1))
 

@@ -20,8 +20,8 @@ intensity, the brightest object owning a pixel (later objects over-paint). Varia
 
 Each variant is written in the toolkit's folder layout (`train/`, `test/`, `unlabeled/`, `classes.txt`, and a
 `dev/` split from the train objects for choosing settings: `experiments/readout_levers.py --data folder:DIR`), then:
-`diffseg train --recipe fashion-seg-demo` on its unlabelled + labelled images (the demo's DDPM and budget),
-and for each classifier seed `diffseg segment fit --data folder:DIR --num-labeled 20 --seed S` (the demo's
+`diffseg train --recipe fashion-seg-demo` on its unlabelled + labelled images (the demo's DDPM and budget; with
+`--ddpm-seeds`, one DDPM per `train.seed`, in `ddpm-s{S}` for S > 0), and for each DDPM and classifier seed `diffseg segment fit --data folder:DIR --num-labeled 20 --seed S` (the demo's
 readout and its supervised baseline) and `diffseg segment eval`. Resumable: a (variant, seed) with a row in --out
 is skipped, a trained DDPM is reused and an interrupted one resumes.
 """
@@ -136,7 +136,8 @@ def main() -> None:
     ap.add_argument("--root", type=Path, required=True, help="folder for the data and the runs")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--recipe", default="fashion-seg-demo")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="classifier seeds")
+    ap.add_argument("--ddpm-seeds", type=int, nargs="+", default=[0], help="DDPM seeds (train.seed)")
     ap.add_argument("--num-labeled", type=int, default=20, help="the first N of the 100 labelled canvases")
     ap.add_argument("--num-unlabeled", type=int, default=20000)
     ap.add_argument("--num-test", type=int, default=500)
@@ -145,38 +146,45 @@ def main() -> None:
                     help="extra recipe override (all commands; the runs' folders do not name it: use another --root)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    rows = RawRows(args.out, key=lambda r: (r["variant"], r["recipe"], tuple(r["sets"]), r["num_labeled"], r["seed"]))
+    rows = RawRows(args.out, key=lambda r: (r["variant"], r["recipe"], tuple(r["sets"]), r["num_labeled"],
+                                            r.get("ddpm_seed", 0), r["seed"]))
     diffseg = str(Path(sys.executable).with_name("diffseg"))
     sets = [x for s in args.sets for x in ("--set", s)]
     for name in args.variants:
         folder = write_variant(name, args.root / "data", num_unlabeled=args.num_unlabeled, num_train=100,
                                num_test=args.num_test, seed=args.data_seed)
-        tag = "" if args.recipe == "fashion-seg-demo" else f"-{args.recipe}"  # one DDPM per recipe
-        run = args.root / "runs" / name / f"ddpm{tag}"
-        if not (run / "train_summary.json").is_file():
-            cmd = [diffseg, "train", "--recipe", args.recipe, "--output-dir", str(run), "--set", "data.channels=1",
-                   "--set", f"data.source=imagefolder:{folder}/train/images,{folder}/unlabeled", *sets]
-            subprocess.run(cmd + (["--resume", "latest"] if run.is_dir() else []), check=True)
-        summary = json.loads((run / "train_summary.json").read_text())
-        for seed in args.seeds:
-            if (name, args.recipe, tuple(args.sets), args.num_labeled, seed) in rows:
-                continue
-            seg = args.root / "runs" / name / (f"seg{tag}-{seed}" if args.num_labeled == 20 else
-                                                f"seg{tag}-n{args.num_labeled}-{seed}")
-            subprocess.run([diffseg, "segment", "fit", "--model", str(run), "--recipe", args.recipe,
-                            "--data", f"folder:{folder}", "--num-labeled", str(args.num_labeled), "--seed", str(seed),
-                            "--set", "segment.num_test=null", *sets, "--output-dir", str(seg)], check=True)
-            subprocess.run([diffseg, "segment", "eval", "--classifier", str(seg), "--json", str(seg / "metrics.json")],
-                           check=True)
-            m = json.loads((seg / "metrics.json").read_text())
-            rows.add({"variant": name, "recipe": args.recipe, "sets": args.sets, "seed": seed,
-                      "num_labeled": args.num_labeled, "num_test": m["num_test_images"], "data_seed": args.data_seed,
-                      "ddpm_steps": summary["steps"], "ddpm_train_minutes": summary["train_seconds_total"] / 60,
-                      "miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"], "per_class_iou": m["per_class_iou"],
-                      "baseline": m["baseline"], "protocol": m["protocol"]},
-                     f"{name} seed {seed}: readout {100 * m['miou']:.1f}  baseline {100 * m['baseline']['miou']:.1f}  "
-                     f"({summary['steps']} DDPM steps)")
+        for ddpm_seed in args.ddpm_seeds:
+            run_variant(name, folder, ddpm_seed, args, rows, diffseg, sets)
 
+
+def run_variant(name: str, folder: Path, ddpm_seed: int, args, rows: RawRows, diffseg: str, sets: list[str]) -> None:
+    tag = ("" if args.recipe == "fashion-seg-demo" else f"-{args.recipe}")  # one DDPM per recipe
+    tag += f"-s{ddpm_seed}" if ddpm_seed else ""  # and per DDPM seed
+    run = args.root / "runs" / name / f"ddpm{tag}"
+    if not (run / "train_summary.json").is_file():
+        cmd = [diffseg, "train", "--recipe", args.recipe, "--output-dir", str(run), "--set", "data.channels=1",
+               "--set", f"data.source=imagefolder:{folder}/train/images,{folder}/unlabeled",
+               "--set", f"train.seed={ddpm_seed}", *sets]
+        subprocess.run(cmd + (["--resume", "latest"] if run.is_dir() else []), check=True)
+    summary = json.loads((run / "train_summary.json").read_text())
+    for seed in args.seeds:
+        if (name, args.recipe, tuple(args.sets), args.num_labeled, ddpm_seed, seed) in rows:
+            continue
+        seg = args.root / "runs" / name / (f"seg{tag}-{seed}" if args.num_labeled == 20 else
+                                            f"seg{tag}-n{args.num_labeled}-{seed}")
+        subprocess.run([diffseg, "segment", "fit", "--model", str(run), "--recipe", args.recipe,
+                        "--data", f"folder:{folder}", "--num-labeled", str(args.num_labeled), "--seed", str(seed),
+                        "--set", "segment.num_test=null", *sets, "--output-dir", str(seg)], check=True)
+        subprocess.run([diffseg, "segment", "eval", "--classifier", str(seg), "--json", str(seg / "metrics.json")],
+                       check=True)
+        m = json.loads((seg / "metrics.json").read_text())
+        rows.add({"variant": name, "recipe": args.recipe, "sets": args.sets, "ddpm_seed": ddpm_seed, "seed": seed,
+                  "num_labeled": args.num_labeled, "num_test": m["num_test_images"], "data_seed": args.data_seed,
+                  "ddpm_steps": summary["steps"], "ddpm_train_minutes": summary["train_seconds_total"] / 60,
+                  "miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"], "per_class_iou": m["per_class_iou"],
+                  "baseline": m["baseline"], "protocol": m["protocol"]},
+                 f"{name} DDPM seed {ddpm_seed}, classifier seed {seed}: readout {100 * m['miou']:.1f}  "
+                 f"baseline {100 * m['baseline']['miou']:.1f}  ({summary['steps']} DDPM steps)")
 
 if __name__ == "__main__":
     main()

@@ -64,9 +64,10 @@ def test_baseline_equals_stock_unet2dmodel():
 
 
 def test_attention_under_bf16_autocast_uses_bf16_matmuls_and_matches_float32():
-    """Under CPU autocast, q/k/v and the attention matmuls run in bf16 around a float32 group norm and softmax
-    (1.18x the default step, BENCHMARKS.md); the result equals float32 attention to bf16 tolerance. Outside
-    autocast the processor is diffusers' SDPA computation, bit for bit."""
+    """Under CPU autocast every attention tensor is bf16 (group norm and softmax keep float32 statistics inside
+    torch's kernels: the softmax equals float32 softmax of the same scores rounded to bf16, bit for bit); the result
+    equals float32 attention to bf16 tolerance. Outside autocast the processor is diffusers' SDPA computation, bit
+    for bit."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from diffseg_hf.remote.diffseg_unet import FP32AttnProcessor, MixedPrecisionAttnProcessor
@@ -81,7 +82,7 @@ def test_attention_under_bf16_autocast_uses_bf16_matmuls_and_matches_float32():
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 500])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ours(x, t).sample
-    assert set(seen) == {torch.bfloat16} and set(norm_seen) == {torch.float32}
+    assert set(seen) == {torch.bfloat16} and set(norm_seen) == {torch.bfloat16}
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attn.parameters())
 
@@ -94,6 +95,15 @@ def test_attention_under_bf16_autocast_uses_bf16_matmuls_and_matches_float32():
     torch.testing.assert_close(fp32, reference, rtol=0, atol=1e-6)
     error = (mixed.float() - reference).abs().max() / reference.abs().max()
     assert 0 < error < 2e-2  # bf16 rounding, not a different computation
+
+    q, k = (torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(2)).bfloat16() for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = MixedPrecisionAttnProcessor.probs(attn, q, k)
+    scores = torch.baddbmm(torch.empty(6, 16, 16, dtype=torch.bfloat16), q.flatten(0, 1),
+                           k.flatten(0, 1).transpose(1, 2), beta=0, alpha=attn.scale)  # bf16, as the processor's
+    expected = (q.float() @ k.float().transpose(-1, -2) * attn.scale).softmax(-1)
+    assert probs.dtype == torch.bfloat16 and (probs.float() - expected).abs().max() < 1e-2
+    assert torch.equal(probs, scores.float().softmax(-1).bfloat16().unflatten(0, (2, 3)))
 
     attn.set_processor(MixedPrecisionAttnProcessor())
     plain = attn(h)

@@ -177,13 +177,18 @@ class FP32AttnProcessor(AttnProcessor2_0):
 
 
 class MixedPrecisionAttnProcessor:
-    """The UNet's self-attention under mixed precision: on CPU, bf16 matmuls around a float32 softmax.
+    """The UNet's self-attention under mixed precision: on CPU, every tensor in the autocast dtype, with float32
+    statistics inside the group norm and the softmax.
 
-    Under CPU autocast, group norm and the softmax run in float32; q/k/v, QK^T, PV and the output projection run
-    in the autocast dtype, as autocast runs every other matmul. torch's bf16 SDPA is about 4x slower than float32
-    on CPU, and its float32 flash kernel is what this replaces: the default training step ran 1.18x faster
-    (BENCHMARKS.md, `experiments/attention_ab.py`). Elsewhere it is FP32AttnProcessor: without autocast that is
-    diffusers' SDPA processor unchanged, and under CUDA autocast attention stays in float32 (not measured on GPU).
+    Under CPU autocast, q/k/v, QK^T, PV and the output projection run in the autocast dtype, as autocast runs every
+    other matmul; the scale is applied inside the QK^T matmul (`baddbmm`'s alpha, as diffusers'
+    `Attention.get_attention_scores`). torch's CPU group norm and softmax compute reduced-precision inputs in float32
+    and round only their outputs, which the next matmul would round anyway: the softmax's output equals float32
+    softmax of the same scores rounded to bf16, bit for bit (tests/test_models.py). No float32 copy of the
+    (B, heads, HW, HW) scores is made, forward or backward. torch's bf16 SDPA is about 4x slower than float32 on CPU,
+    and its float32 flash kernel is what this replaces (BENCHMARKS.md, `experiments/attention_ab.py`). Elsewhere it
+    is FP32AttnProcessor: without autocast that is diffusers' SDPA processor unchanged, and under CUDA autocast
+    attention stays in float32 (not measured on GPU).
     """
 
     _fallback = FP32AttnProcessor()
@@ -195,21 +200,31 @@ class MixedPrecisionAttnProcessor:
             return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
         b, c, h, w = hidden_states.shape
-        x = hidden_states.reshape(b, c, h * w)
-        if attn.group_norm is not None:
-            with torch.autocast("cpu", enabled=False):
-                x = attn.group_norm(x.float())
-        x = x.transpose(1, 2)  # (B, HW, C)
+        x = self.norm(attn, hidden_states.reshape(b, c, h * w)).transpose(1, 2)  # (B, HW, C)
         q, k, v = (proj(x).unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, heads, HW, head_dim)
                    for proj in (attn.to_q, attn.to_k, attn.to_v))
-        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, heads, HW, HW), autocast dtype
-        with torch.autocast("cpu", enabled=False):
-            probs = (scores.float() * attn.scale).softmax(-1).to(v.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, h * w, -1)
+        out = torch.matmul(self.probs(attn, q, k), v).transpose(1, 2).reshape(b, h * w, -1)
         out = attn.to_out[1](attn.to_out[0](out)).transpose(1, 2).reshape(b, c, h, w)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    @staticmethod
+    def norm(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+        """Group norm of (B, C, HW) in the autocast dtype (float32 statistics inside torch's kernel)."""
+        if attn.group_norm is None:
+            return x
+        with torch.autocast("cpu", enabled=False):
+            return attn.group_norm(x.to(torch.get_autocast_dtype("cpu")))
+
+    @staticmethod
+    def probs(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """softmax(scale * q k^T) over the last axis, (B, heads, HW, HW) in the autocast dtype."""
+        b, heads, n, _ = q.shape
+        q, k = q.flatten(0, 1), k.flatten(0, 1)
+        scores = torch.baddbmm(q.new_empty(b * heads, n, n), q, k.transpose(1, 2), beta=0, alpha=attn.scale)
+        with torch.autocast("cpu", enabled=False):
+            return scores.softmax(-1).unflatten(0, (b, heads))
 
 
 def _attention(channels: int, head_dim: int | None, groups: int, eps: float) -> Attention:
