@@ -148,6 +148,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--preset", default="tuned", choices=sorted(SEGMENT_PRESETS))
+    ap.add_argument("--noise-draws", type=int, default=None,
+                    help="override the preset's noise draws: 1 is noise 'fixed' (the tuned preset before 2026-12-07, "
+                         "which the label curves were measured with); N > 1 is the mean of N draws")
     ap.add_argument("--conv-members", type=int, default=1, help="segment.conv_members of the readouts' conv head")
     # the baseline's budget and shifts as tuned on the dev split (segment.baseline_* defaults)
     ap.add_argument("--baseline-steps", type=int, default=SegmentConfig.baseline_steps)
@@ -175,7 +178,9 @@ def main() -> None:
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         ddpm = {"ddpm_steps": summary.get("steps"), "ddpm_train_minutes":
                 round(summary["train_seconds_total"] / 60, 1) if "train_seconds_total" in summary else None}
-        preset = SEGMENT_PRESETS[args.preset]
+        preset = dict(SEGMENT_PRESETS[args.preset])
+        if args.noise_draws is not None:
+            preset.update(noise="fixed" if args.noise_draws == 1 else "mean", num_noise_draws=args.noise_draws)
         protocol = FeatureProtocol(**{k: preset[k] for k in PROTOCOL_KEYS})
         res = unet.config.sample_size
         test = load_segmentation_data("fashion-seg", "test", num_images=args.num_test, resolution=res)
