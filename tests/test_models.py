@@ -96,7 +96,7 @@ def test_attention_under_bf16_autocast_uses_bf16_matmuls_and_matches_float32():
     error = (mixed.float() - reference).abs().max() / reference.abs().max()
     assert 0 < error < 2e-2  # bf16 rounding, not a different computation
 
-    q, k = (torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(2)).bfloat16() for _ in range(2))
+    q, k = (torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(s)).bfloat16() for s in (2, 3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         probs = MixedPrecisionAttnProcessor.probs(attn, q, k)
     scores = torch.baddbmm(torch.empty(6, 16, 16, dtype=torch.bfloat16), q.flatten(0, 1),
