@@ -39,7 +39,7 @@ class ReadoutConfig:
     conv_steps: int = 600
     conv_lr: float = 2e-3
     conv_batch_size: int = 8  # images per step
-    conv_dropout: float = 0.1  # channel dropout on the input features
+    conv_dropout: float = 0.5  # channel dropout on the input features (0.5 > 0.1 > 0 on three dev splits; BENCHMARKS.md)
     conv_max_shift: int = 0  # random translations of the feature maps (and masks) by up to this many pixels
     dice_weight: float = 1.0  # loss = cross-entropy + dice_weight * soft Dice
     # self-training (conv head): pseudo-labels on unlabelled images, then a refit on labelled + pseudo-labelled

@@ -229,7 +229,7 @@ class SegmentConfig:
     conv_steps: int = 600
     conv_lr: float = 2e-3
     conv_batch_size: int = 8
-    conv_dropout: float = 0.1
+    conv_dropout: float = 0.5  # channel dropout on the head's input features; was 0.1 (BENCHMARKS.md)
     conv_max_shift: int = 0
     dice_weight: float = 1.0
     # self-training (conv head): pseudo-labels on unlabelled images (diffseg_hf.readout.self_train_conv_head)
@@ -251,6 +251,7 @@ class SegmentConfig:
     # soft Dice added to its cross-entropy, as the conv head's dice_weight; fashion-seg dev split (20 labels, 3 seeds):
     # 19.7 mIoU at 1000 steps against 18.6 without (2000 steps: 19.6 / 19.0; 500: 17.3 / 17.5)
     baseline_dice_weight: float = 1.0
+    baseline_dropout: float = 0.0  # channel dropout before the U-Net's head (the conv head's conv_dropout counterpart)
 
     def __post_init__(self):
         preset = SEGMENT_PRESETS[self.preset]
@@ -266,6 +267,8 @@ class SegmentConfig:
         if self.baseline_dice_weight < 0:
             raise RecipeError(f"segment.baseline_dice_weight={self.baseline_dice_weight}: need >= 0 (0: cross-entropy "
                               "only)")
+        if not 0 <= self.baseline_dropout < 1:
+            raise RecipeError(f"segment.baseline_dropout={self.baseline_dropout}: need a probability in [0, 1)")
 
     @property
     def protocol(self):

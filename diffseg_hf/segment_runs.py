@@ -117,7 +117,7 @@ def fit_from_recipe(recipe: Recipe, model: str | None, output_dir: str | os.Path
             net = fit_supervised(images, train.masks, num_classes=train.num_classes,
                                  steps=seg.baseline_steps, batch_size=seg.baseline_batch_size, lr=seg.baseline_lr,
                                  max_shift=seg.baseline_max_shift, dice_weight=seg.baseline_dice_weight,
-                                 seed=seg.seed * k + member)
+                                 dropout=seg.baseline_dropout, seed=seg.seed * k + member)
             net.save_pretrained(output_dir / BASELINE_DIR / (f"member-{member}" if k > 1 else ""))
         summary["baseline_members"] = k
         summary["baseline_fit_seconds"] = round(time.perf_counter() - started, 2)

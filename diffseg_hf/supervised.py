@@ -30,7 +30,9 @@ def _conv_block(c_in: int, c_out: int, groups: int) -> nn.Sequential:
 
 class SupervisedUNet(ModelMixin, ConfigMixin):
     """Encoder of `len(widths)` levels (2x2 max-pool between), a mirrored decoder with skip connections,
-    a 1x1 head to class logits. Any input size works: decoder features are resized to their skip."""
+    a 1x1 head to class logits. Any input size works: decoder features are resized to their skip.
+    ``dropout``: channel dropout (`nn.Dropout2d`) on the last decoder features before the head, the counterpart of
+    the conv readout head's dropout on its input features (no parameters: state dicts are unchanged)."""
 
     @register_to_config
     def __init__(
@@ -39,6 +41,7 @@ class SupervisedUNet(ModelMixin, ConfigMixin):
         num_classes: int = 2,
         widths: tuple[int, ...] = (32, 64, 128),
         norm_num_groups: int = 8,
+        dropout: float = 0.0,
     ):
         super().__init__()
         widths = tuple(widths)
@@ -49,6 +52,7 @@ class SupervisedUNet(ModelMixin, ConfigMixin):
             _conv_block(c_deep + c_skip, c_skip, norm_num_groups)
             for c_deep, c_skip in zip(widths[:0:-1], widths[-2::-1])
         )
+        self.head_dropout = nn.Dropout2d(dropout)  # not `self.dropout`: the config decorator sets that name
         self.head = nn.Conv2d(widths[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +67,7 @@ class SupervisedUNet(ModelMixin, ConfigMixin):
             skip = skips.pop()
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip], dim=1))  # (N, c_skip, h, w)
-        return self.head(x)  # (N, num_classes, H, W)
+        return self.head(self.head_dropout(x))  # (N, num_classes, H, W)
 
 
 def random_shift(
@@ -122,11 +126,12 @@ def fit_supervised(
     augment: bool = True,
     max_shift: int = 0,
     dice_weight: float = 0.0,
+    dropout: float = 0.0,
     seed: int = 0,
 ) -> SupervisedUNet:
     """Train a `SupervisedUNet` on images (N, C, H, W) float in [-1, 1] and masks (N, H, W) of class ids.
     ``dice_weight`` > 0 adds that much soft Dice to the cross-entropy (the loss the diffusion readout's conv head
-    trains with)."""
+    trains with); ``dropout``: `SupervisedUNet`'s channel dropout before its head."""
     if images.ndim != 4 or masks.shape != (images.shape[0], *images.shape[2:]):
         raise DiffsegError(f"images {tuple(images.shape)} and masks {tuple(masks.shape)}: need (N, C, H, W), (N, H, W)")
     if steps < 1 or batch_size < 1:
@@ -139,7 +144,7 @@ def fit_supervised(
         )
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = SupervisedUNet(in_channels=images.shape[1], num_classes=num_classes, widths=widths)
+    model = SupervisedUNet(in_channels=images.shape[1], num_classes=num_classes, widths=widths, dropout=dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = warmup_cosine(optimizer, steps)
     model.train()

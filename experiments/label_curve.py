@@ -157,6 +157,10 @@ def main() -> None:
     ap.add_argument("--baseline-max-shift", type=int, default=SegmentConfig.baseline_max_shift)
     ap.add_argument("--baseline-dice", type=float, default=SegmentConfig.baseline_dice_weight,
                     help="soft Dice weight added to the baseline's cross-entropy (segment.baseline_dice_weight)")
+    ap.add_argument("--baseline-dropout", type=float, default=SegmentConfig.baseline_dropout,
+                    help="channel dropout before the baseline U-Net's head (segment.baseline_dropout)")
+    ap.add_argument("--conv-dropout", type=float, default=SegmentConfig.conv_dropout,
+                    help="channel dropout on the readouts' input features (segment.conv_dropout)")
     ap.add_argument("--baseline-members", type=int, default=1,
                     help="supervised U-Nets per run, their softmax averaged (as --conv-members for the readout)")
     ap.add_argument("--oracle-images", type=int, default=10000, help="0: no oracle")
@@ -213,7 +217,8 @@ def main() -> None:
                 for n in todo:
                     started = time.perf_counter()
                     readout = ReadoutConfig(**{k: preset[k] for k in ("head", "vote", "standardize")},
-                                            conv_members=args.conv_members, seed=seed)
+                                            conv_members=args.conv_members, conv_dropout=args.conv_dropout,
+                                            seed=seed)
                     result = readout_run([v[:n] for v in pool_views], pool.masks[:n], test_views, test,
                                          feature_protocol, readout)
                     save({"method": method, "num_labeled": n, "seed": seed, **result, **ddpm,
@@ -234,14 +239,16 @@ def main() -> None:
                     images = sub.float_images()
                     nets = [fit_supervised(images, sub.masks, num_classes=test.num_classes,
                                            steps=args.baseline_steps, max_shift=args.baseline_max_shift,
-                                           dice_weight=args.baseline_dice, seed=seed * k + member)
+                                           dice_weight=args.baseline_dice, dropout=args.baseline_dropout,
+                                           seed=seed * k + member)
                             for member in range(k)]
                     result = score(predict_supervised(nets, test.float_images(), flip=True), test)
                     save({"method": "baseline", "num_labeled": n, "seed": seed, **result, "ddpm_steps": None,
                           "ddpm_train_minutes": None,
                           "settings": {"steps": args.baseline_steps, "max_shift": args.baseline_max_shift,
                                        "flip": True, "test_time_flip": True, "batch_size": 8, "lr": 2e-3,
-                                       "members": args.baseline_members, "dice_weight": args.baseline_dice},
+                                       "members": args.baseline_members, "dice_weight": args.baseline_dice,
+                                       "dropout": args.baseline_dropout},
                           "seconds": round(time.perf_counter() - started, 1)})
         if args.oracle_images and ("oracle", args.oracle_images, 0) not in rows:
             started = time.perf_counter()

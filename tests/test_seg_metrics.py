@@ -194,3 +194,22 @@ def test_supervised_dice_weight_changes_the_loss_it_trains(one_thread):
     dice = fit_supervised(images, masks, dice_weight=1.0, **kw)
     assert all(torch.equal(p, q) for p, q in zip(ce.parameters(), ce_again.parameters()))  # 0: cross-entropy only
     assert not torch.equal(ce.head.weight, dice.head.weight)
+
+
+def test_supervised_dropout_drops_decoder_channels_in_training_only(tmp_path, one_thread):
+    images, masks = _bright_vs_dark(4, seed=0)
+    kw = dict(num_classes=2, steps=3, batch_size=2, widths=(8, 16), seed=0)
+    plain, dropped = fit_supervised(images, masks, **kw), fit_supervised(images, masks, dropout=0.5, **kw)
+    assert not torch.equal(plain.head.weight, dropped.head.weight)  # the masks changed what it learned
+    same = SupervisedUNet(num_classes=2, widths=(8, 16), dropout=0.5)
+    same.load_state_dict(plain.state_dict())  # no parameters of its own: the state dicts match
+    with torch.no_grad():
+        assert torch.equal(same.eval()(images), plain(images))  # identity at eval
+        seen = {}
+        same.head.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+        torch.manual_seed(0)
+        same.train()(images)
+    zeroed = seen["x"].abs().amax((2, 3)) == 0  # (N, C): whole channels dropped
+    assert 0 < zeroed.float().mean() < 1
+    dropped.save_pretrained(tmp_path)
+    assert SupervisedUNet.from_pretrained(tmp_path).config.dropout == 0.5

@@ -21,7 +21,8 @@ from diffseg_hf.supervised import SupervisedUNet, predict_supervised
 from diffseg_hf.segmentation import Segmenter, fit_segmenter
 
 FAST = ["segment.num_labeled=3", "segment.num_test=6", "segment.max_epochs=2", "segment.num_members=3",
-        "segment.baseline_steps=5", "segment.timesteps=[5,20]", "segment.conv_steps=20", "segment.conv_width=8"]
+        "segment.baseline_steps=5", "segment.timesteps=[5,20]", "segment.conv_steps=20", "segment.conv_width=8",
+        "segment.baseline_dropout=0.2"]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,7 @@ def test_baseline_members_vote_together_in_eval(classifier):
     result = evaluate_classifier(classifier)
     nets = [SupervisedUNet.from_pretrained(classifier / "baseline" / f"member-{k}") for k in range(5)]
     assert not torch.equal(next(nets[0].parameters()), next(nets[1].parameters()))  # seeds differ
+    assert all(net.config.dropout == 0.2 for net in nets)  # segment.baseline_dropout reached every member
     segmenter = Segmenter.load(classifier)
     test = load_test_set(segmenter)
     meter = SegmentationMeter(test.num_classes, 255, test.class_names)
@@ -66,6 +68,8 @@ def test_baseline_members_vote_together_in_eval(classifier):
         load_recipe("fashion-seg", ["segment.baseline_members=0"])
     with pytest.raises(RecipeError, match=r"segment.baseline_dice_weight=-1.0: need >= 0"):
         load_recipe("fashion-seg", ["segment.baseline_dice_weight=-1"])
+    with pytest.raises(RecipeError, match=r"segment.baseline_dropout=1.0: need a probability in \[0, 1\)"):
+        load_recipe("fashion-seg", ["segment.baseline_dropout=1"])
 
 
 def test_eval_reports_both_models_and_json_keys(classifier, tmp_path):
