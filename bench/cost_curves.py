@@ -41,7 +41,7 @@ import torch
 from bench.common import (REPO_ROOT, cli, load_line, log, machine_state, markdown_table, peak_rss_mb, reset_peak_rss,
                           result, rss_mb, run_child, time_interleaved, write_json)
 from bench.fit_memory import marking_fit, synthetic_segmentation
-from bench.train_step import ATTENTION_AT, DTYPES, RECIPE_PRECISION, at_resolution, make_step
+from bench.train_step import ATTENTION_AT, DTYPES, at_resolution, make_step, recipe_precision
 from diffseg_hf.build import build_scheduler, build_unet
 from diffseg_hf.readout_config import READOUT_HEADS, ReadoutConfig
 from diffseg_hf.recipe import load_recipe
@@ -110,12 +110,14 @@ def measure(recipe: str, overrides: list[str], resolution: int, cfg: dict) -> di
     """Every phase at one resolution, in this process (a `run_child` target); returns phase -> stats."""
     c = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
     rcp = load_recipe(recipe, at_resolution(recipe, tuple(overrides), resolution, c.attention))
-    precision = RECIPE_PRECISION[rcp.train.mixed_precision]
-    phases: dict = {"precision": precision, "attention_resolutions": list(rcp.model.attention_resolutions)}
 
     def fresh_unet():
         torch.manual_seed(c.seed)
         return build_unet(rcp)
+
+    precision, probe = recipe_precision(rcp.train, fresh_unet(), c.train_batch)  # auto: measured at this size
+    phases: dict = {"precision": precision, "attention_resolutions": list(rcp.model.attention_resolutions),
+                    **({"precision_probe": probe} if probe else {})}
 
     with _phase(phases, "train") as rec:  # 1. training steps
         step = make_step(fresh_unet().train(), precision, c.train_batch, c.seed)

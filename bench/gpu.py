@@ -314,8 +314,9 @@ def run(cfg: Config) -> dict:
     guard, device = Guard(cfg.minutes), torch.device(cfg.device)
     machine = machine_state(busy_interval_s=0.2)
     compile_on = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    default = train_step.RECIPE_PRECISION[load_recipe(cfg.recipe, cfg.overrides).train.mixed_precision]
     specs = _specs(cfg, cfg.resolution)
+    default, _ = train_step.recipe_precision(load_recipe(cfg.recipe, cfg.overrides).train,
+                                             train_step.build(*specs["resnet"]), cfg.batch_size, device.type)
     out: list[Arm] = []
 
     # 1. train: the train_step table (models kept: they are the eager twins of section 4)

@@ -70,10 +70,11 @@ QUICK = Config(minutes=0.5, num_samples=64, num_real=500, steps=10, probe_steps=
                grid_images=16)
 
 
-def probe_seconds_per_step(recipe_name: str, overrides: tuple[str, ...], steps: int) -> tuple[float, bool]:
-    """(median wall time of training steps 3..`steps`, the layout the run trained in): a scratch run; data loading
-    and warm-up excluded. With train.channels_last=auto the scratch run makes the choice, and the arm's real run
-    is pinned to it, so the step time fits the run it sizes and the layout is probed once."""
+def probe_seconds_per_step(recipe_name: str, overrides: tuple[str, ...], steps: int) -> tuple[float, bool, str]:
+    """(median wall time of training steps 3..`steps`, the layout and the precision the run trained in): a scratch
+    run; data loading and warm-up excluded. With train.channels_last or train.mixed_precision auto the scratch run
+    makes the choice, and the arm's real run is pinned to it, so the step time fits the run it sizes and each is
+    probed once."""
     stamps = []
     with tempfile.TemporaryDirectory() as scratch:
         quick = load_recipe(recipe_name, list(overrides) + [f"train.max_steps={steps}", "train.max_minutes=null",
@@ -81,7 +82,8 @@ def probe_seconds_per_step(recipe_name: str, overrides: tuple[str, ...], steps: 
                                                            "sample.steps=2"])
         summary = train(quick, scratch, progress=False,
                         step_callback=lambda step, loss: stamps.append(time.perf_counter()))
-    return statistics.median(b - a for a, b in zip(stamps[2:], stamps[3:])), summary["channels_last"]
+    return (statistics.median(b - a for a, b in zip(stamps[2:], stamps[3:])), summary["channels_last"],
+            summary["mixed_precision"])
 
 
 def train_arm(arm: str, cfg: Config, out: Path) -> dict:
@@ -92,13 +94,14 @@ def train_arm(arm: str, cfg: Config, out: Path) -> dict:
         probe = json.loads(probe_file.read_text())
     else:
         log(f"{arm}: probing step time ({cfg.probe_steps} steps)")
-        s_per_step, channels_last = probe_seconds_per_step(ARMS[arm], cfg.overrides, cfg.probe_steps)
+        s_per_step, channels_last, precision = probe_seconds_per_step(ARMS[arm], cfg.overrides, cfg.probe_steps)
         probe = {"s_per_step": s_per_step, "max_steps": max(1, int(cfg.minutes * 60 / s_per_step)),
-                 "channels_last": channels_last}
+                 "channels_last": channels_last, "mixed_precision": precision}
         write_json(probe_file, probe)
     stop = ([f"train.max_steps={probe['max_steps']}", f"train.max_minutes={cfg.minutes}"] if cfg.max_steps is None
             else [f"train.max_steps={cfg.max_steps}", "train.max_minutes=null"])
     layout = [f"train.channels_last={str(probe['channels_last']).lower()}"] if "channels_last" in probe else []
+    layout += [f'train.mixed_precision="{probe["mixed_precision"]}"'] if "mixed_precision" in probe else []
     recipe = load_recipe(ARMS[arm], list(cfg.overrides) + stop + layout)
     if summary_file.is_file():
         log(f"{arm}: finished run found in {run}")

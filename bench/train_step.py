@@ -29,7 +29,7 @@ from diffseg_hf.data import TrainBatches, load_images
 from diffseg_hf.models import DiffsegUNet2DModel, count_parameters
 from diffseg_hf.recipe import load_recipe
 from diffseg_hf.schedule import make_scheduler
-from diffseg_hf.training import diffusion_loss, probe_channels_last
+from diffseg_hf.training import diffusion_loss, probe_channels_last, probe_precision
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # accelerate's mixed_precision values -> our precision names (None: the launcher's default, "no")
@@ -246,9 +246,10 @@ def run(cfg: Config) -> dict:
                "bf16": matmul_ceiling(torch.bfloat16, n=cfg.ceiling_n, repeats=cfg.ceiling_repeats)}
     ceiling["fp16"] = ceiling["bf16"]  # not measured separately
     train = load_recipe(cfg.recipe, cfg.overrides).train
-    default = RECIPE_PRECISION[train.mixed_precision]
-    precisions = list(dict.fromkeys([*cfg.precisions, default]))
     specs, match = variant_specs(cfg)
+    default, precision_probe = recipe_precision(train, build(*specs.get("resnet", next(iter(specs.values())))),
+                                                cfg.batch_size)
+    precisions = list(dict.fromkeys([*cfg.precisions, default]))
     # (variant, precision, path): "plain" = NCHW and the for-loop AdamW; "recipe" = the recipe's layout and optimizer;
     # "convnext-layout" = the baseline on ConvNeXt's recipe layout (issue #16 compares the two in the same layout)
     arms = [(v, p, "plain") for v in specs for p in precisions]
@@ -290,7 +291,20 @@ def run(cfg: Config) -> dict:
     targets = _targets(cfg, rows, timings, default, specs, match, flops, ceiling, layout) + [loss_target]
     return result("train_step", cfg, machine, rows, targets, ceiling_gflops=ceiling, loss_check=loss_rows,
                   convnext_match=match, models={v: kw for v, kw in specs.items()},
-                  default_precision=default, recipe_path=layout, **({"profile": profiles} if profiles else {}))
+                  default_precision=default, precision_probe=precision_probe, recipe_path=layout, **({"profile": profiles} if profiles else {}))
+
+
+def recipe_precision(train, model: torch.nn.Module, batch_size: int, device: str = "cpu") -> tuple[str, dict | None]:
+    """(our precision name, probe) for a recipe's train.mixed_precision; "auto" is resolved as the training loop
+    resolves it (bf16 on a GPU that has it, else fp16; on CPU `probe_precision` on ``model`` at this batch)."""
+    if train.mixed_precision != "auto":
+        return RECIPE_PRECISION[train.mixed_precision], None
+    if torch.device(device).type == "cuda":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
+    probe = probe_precision(model, make_scheduler("linear"), (batch_size, model.config.in_channels,
+                                                              *(model.config.sample_size,) * 2),
+                            fused=train.fused_optimizer)
+    return ("bf16" if probe["mixed_precision"] == "bf16" else "fp32"), probe
 
 
 def recipe_layout(train, kind: str, kwargs: dict, precision: str, batch_size: int) -> dict:

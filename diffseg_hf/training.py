@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import ProjectConfiguration, gather, reduce, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
@@ -71,6 +71,7 @@ class TrainState:
     history: list = field(default_factory=list)  # (step, loss) at each log point
     horizons: list = field(default_factory=list)  # (step, horizon) at each train.lr_horizon=minutes (re-)fit
     channels_last: bool | None = None  # the layout train.channels_last=auto chose (a resume keeps it: exact resume)
+    mixed_precision: str | None = None  # the precision the run trains in (train.mixed_precision=auto: a resume keeps it)
 
     @property
     def horizon(self) -> int | None:
@@ -79,7 +80,8 @@ class TrainState:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "images_seen": self.images_seen, "train_seconds": self.train_seconds,
-                "history": list(self.history), "horizons": list(self.horizons), "channels_last": self.channels_last}
+                "history": list(self.history), "horizons": list(self.horizons), "channels_last": self.channels_last,
+                "mixed_precision": self.mixed_precision}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.images_seen = state["step"], state["images_seen"]
@@ -87,13 +89,52 @@ class TrainState:
         self.train_seconds = state.get("train_seconds", 0.0)
         self.horizons = [tuple(h) for h in state.get("horizons", [])]
         self.channels_last = state.get("channels_last")
+        self.mixed_precision = state.get("mixed_precision")
 
 
 CALIBRATION_STEPS = 30  # train.lr_horizon=minutes times steps 6..30 of a run (the first few are slow)
 REFIT_EVERY = 100  # then re-fits the horizon every 100 steps from this run's mean s/step (samples, checkpoints in)
 
 
-PROBE_STEPS = 3  # train.channels_last=auto: interleaved timed steps per layout, after one warm-up step each
+PROBE_STEPS = 3  # train.channels_last / mixed_precision=auto: interleaved timed steps per arm, after a warm-up step
+DECISIVE = 2.0  # the precision probe stops after a timed round in which one arm is this many times slower
+
+
+def _time_arms(unet: torch.nn.Module, scheduler, batch_shape: tuple[int, ...], arms: dict, *, fused: bool,
+               device: torch.device | str | None, steps: int, decisive: float | None = None) -> dict:
+    """{f"{name}_ms": [...]}: training steps (eps-MSE, AdamW) of a copy of ``unet`` per arm, each arm a
+    (memory_format, autocast factory), on one random batch of ``batch_shape``; the arms take turns (the order
+    alternates each round) so that load drifts hit them alike, and the first round warms them up untimed. With
+    ``decisive``, timing stops after a round in which one arm's median is that many times another's."""
+    device = device if device is not None else next(unet.parameters()).device
+    x = (torch.rand(batch_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+    models = {}
+    for name, (fmt, autocast) in arms.items():
+        model = copy.deepcopy(unet).to(device=device, memory_format=fmt).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
+        models[name] = (model, optimizer, x.contiguous(memory_format=fmt), autocast)
+
+    def step(name: str) -> float:
+        model, optimizer, batch, autocast = models[name]
+        begin = time.perf_counter()
+        with autocast():
+            loss = diffusion_loss(model, scheduler, batch, torch.Generator().manual_seed(0))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # waits for the device
+        return (time.perf_counter() - begin) * 1e3
+
+    times = {f"{name}_ms": [] for name in arms}
+    for repeat in range(steps + 1):
+        for name in list(arms) if repeat % 2 == 0 else list(arms)[::-1]:
+            ms = step(name)
+            if repeat:
+                times[f"{name}_ms"].append(round(ms, 2))
+        medians = [statistics.median(t) for t in times.values()] if repeat else []
+        if decisive and medians and max(medians) > decisive * min(medians):
+            break
+    return times
 
 
 def probe_channels_last(unet: torch.nn.Module, scheduler, batch_shape: tuple[int, ...], *, fused: bool,
@@ -106,32 +147,29 @@ def probe_channels_last(unet: torch.nn.Module, scheduler, batch_shape: tuple[int
     train.channels_last=auto measures it on the machine that trains. Returns {"channels_last": NHWC's median step
     is the shorter, "nchw_ms": [...], "nhwc_ms": [...]}.
     """
-    device = device if device is not None else next(unet.parameters()).device
-    x = (torch.rand(batch_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
-    arms = {}
-    for name, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
-        model = copy.deepcopy(unet).to(device=device, memory_format=fmt).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
-        arms[name] = (model, optimizer, x.contiguous(memory_format=fmt))
-
-    def step(name: str) -> float:
-        model, optimizer, batch = arms[name]
-        begin = time.perf_counter()
-        with autocast():
-            loss = diffusion_loss(model, scheduler, batch, torch.Generator().manual_seed(0))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()  # waits for the device
-        return (time.perf_counter() - begin) * 1e3
-
-    times = {"nchw_ms": [], "nhwc_ms": []}
-    for repeat in range(steps + 1):
-        for name in ("nchw", "nhwc") if repeat % 2 == 0 else ("nhwc", "nchw"):
-            ms = step(name)
-            if repeat:  # the first round warms up both
-                times[f"{name}_ms"].append(round(ms, 2))
+    times = _time_arms(unet, scheduler, batch_shape,
+                       {"nchw": (torch.contiguous_format, autocast), "nhwc": (torch.channels_last, autocast)},
+                       fused=fused, device=device, steps=steps)
     return {"channels_last": statistics.median(times["nhwc_ms"]) < statistics.median(times["nchw_ms"]), **times}
+
+
+def probe_precision(unet: torch.nn.Module, scheduler, batch_shape: tuple[int, ...], *, fused: bool,
+                    device: torch.device | str | None = None, steps: int = PROBE_STEPS) -> dict:
+    """Times CPU training steps of ``unet`` in float32 and under bf16 autocast (NCHW, as `probe_channels_last`
+    times layouts; ``unet`` is left as it was). bf16 runs 1.7-1.9x float32's steps on CPUs with native bf16
+    (AVX512-BF16, AMX) and about 14x slower on an AVX2-only AMD EPYC, where oneDNN has no bf16 convolutions
+    (BENCHMARKS.md, "bf16 on a CPU without native bf16"), so train.mixed_precision=auto measures it. A round in
+    which one arm is DECISIVE times slower ends the probe early (one slow bf16 step there costs ~15 s).
+    Returns {"mixed_precision": "bf16" if its median step is the shorter else "no", "fp32_ms": [...],
+    "bf16_ms": [...]}."""
+    def bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    times = _time_arms(unet, scheduler, batch_shape, {"fp32": (torch.contiguous_format, contextlib.nullcontext),
+                                                      "bf16": (torch.contiguous_format, bf16)},
+                       fused=fused, device=device, steps=steps, decisive=DECISIVE)
+    faster = statistics.median(times["bf16_ms"]) < statistics.median(times["fp32_ms"])
+    return {"mixed_precision": "bf16" if faster else "no", **times}
 
 
 def _schedule(cfg, optimizer: torch.optim.Optimizer, horizon: int, step: int = 0):
@@ -213,21 +251,26 @@ def train(recipe: Recipe, output_dir: str | os.PathLike, *, max_steps: int | Non
     # a process that trains several recipes (ablate, bench, tests) starts each from a fresh one. PartialState (the
     # process group) is kept, and the launcher's precision still arrives through its environment variable.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
-        dynamo_backend="inductor" if cfg.compile else None,  # None: the launcher's --dynamo_backend, if any
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
-    with _output_lock(accelerator, output_dir):
-        return _train(accelerator, recipe, output_dir, max_steps, resume, step_callback, progress)
+    process = PartialState(cpu=not torch.cuda.is_available())
+    with _output_lock(process, output_dir):
+        resume_from = resolve_resume(output_dir, resume, log=process.print)
+        # the precision comes first: the Accelerator is built with it (train.mixed_precision=auto: measured here)
+        precision, precision_probe = _choose_precision(process, recipe, resume_from)
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=precision,
+            dynamo_backend="inductor" if cfg.compile else None,  # None: the launcher's --dynamo_backend, if any
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
+        return _train(accelerator, recipe, output_dir, max_steps, resume_from, precision_probe, step_callback,
+                      progress)
 
 
-def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps: int | None, resume: str | None,
-           step_callback: Callable[[int, float], None] | None, progress: bool) -> dict:
+def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps: int | None,
+           resume_from: Path | None, precision_probe: dict | None, step_callback: Callable[[int, float], None] | None,
+           progress: bool) -> dict:
     cfg = recipe.train
     stop_at = requested = max_steps if max_steps is not None else cfg.max_steps
     horizon = cap = max(cfg.max_steps, stop_at)
-    resume_from = resolve_resume(output_dir, resume, log=accelerator.print)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.yaml").write_text(recipe.to_yaml())
@@ -264,6 +307,9 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
     if probe is not None:
         state.channels_last = channels_last
         state.train_seconds += probe["seconds"]  # the probe is spent from train.max_minutes too
+    state.mixed_precision = accelerator.mixed_precision
+    if precision_probe is not None:
+        state.train_seconds += precision_probe["seconds"]  # and so is the precision probe
     if state.horizon is not None:  # calibrated earlier in this run (train.lr_horizon=minutes)
         horizon, stop_at = state.horizon, min(stop_at, state.horizon)
         objects.lr_scheduler = lr_scheduler = _schedule(cfg, raw_optimizer, horizon, state.step)
@@ -376,7 +422,8 @@ def _train(accelerator: Accelerator, recipe: Recipe, output_dir: Path, max_steps
                                      / max(elapsed, 1e-9), 2),
                "stopped_by": stopped_by, "lr_horizon_steps": horizon, "lr_horizon_fits": state.horizons,
                "last_lr": lr_scheduler.get_last_lr()[0], "last_loss": last_loss, "loss_history": state.history,
-               "channels_last": channels_last, "layout_probe": probe, "allocator": allocator.status(),
+               "channels_last": channels_last, "layout_probe": probe, "precision_probe": precision_probe,
+               "allocator": allocator.status(),
                "rank_weight_checksums": checksums, "can_sample": recipe.can_sample}
     if accelerator.is_main_process:
         final = build_unet(recipe)
@@ -435,17 +482,43 @@ class _SigintFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _choose_precision(process: PartialState, recipe: Recipe, resume_from: Path | None) -> tuple[str | None, dict | None]:
+    """(mixed_precision, probe): train.mixed_precision as set; for "auto", bf16 on a GPU that has it (else fp16),
+    on CPU the precision the run chose before (a resume) or the one `probe_precision` measures faster now. Every
+    rank probes; all take the precision with the shorter summed median."""
+    cfg = recipe.train
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision, None
+    if process.device.type == "cuda":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
+    if resume_from is not None:
+        chosen = checkpoint_progress(resume_from).get("mixed_precision")
+        if chosen is not None:
+            return chosen, None
+    begin = time.perf_counter()
+    probe = probe_precision(build_unet(recipe), build_scheduler(recipe),
+                            (cfg.batch_size, recipe.data.channels, *(recipe.data.resolution,) * 2),
+                            fused=cfg.fused_optimizer, device=process.device)
+    medians = torch.tensor([[statistics.median(probe["fp32_ms"]), statistics.median(probe["bf16_ms"])]],
+                           device=process.device)
+    fp32, bf16 = (gather(medians) if process.num_processes > 1 else medians).sum(0).tolist()
+    probe.update(mixed_precision="bf16" if bf16 < fp32 else "no", seconds=round(time.perf_counter() - begin, 2))
+    process.print(f"train.mixed_precision=auto: fp32 {fp32:.0f} ms/step, bf16 {bf16:.0f} ms/step -> "
+                  f"{probe['mixed_precision']} (probe {probe['seconds']:.1f} s)")
+    return probe["mixed_precision"], probe
+
+
 @contextlib.contextmanager
-def _output_lock(accelerator: Accelerator, output_dir: Path):
+def _output_lock(process: PartialState, output_dir: Path):
     """The main process holds `output_dir/.lock` until the run ends (normally, on an error or on Ctrl-C); when it
     is refused, every process stops."""
-    lock, refused = OutputLock(output_dir, log=accelerator.print), None
-    if accelerator.is_main_process:
+    lock, refused = OutputLock(output_dir, log=process.print), None
+    if process.is_main_process:
         try:
             lock.acquire()
         except OutputLocked as e:
             refused = e
-    if _any_process(accelerator, refused is not None):
+    if _any_process(process, refused is not None):
         raise refused or OutputLocked(f"{output_dir}: the main process could not lock the folder (see its message)")
     try:
         yield
@@ -453,11 +526,11 @@ def _output_lock(accelerator: Accelerator, output_dir: Path):
         lock.release()
 
 
-def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+def _any_process(process: Accelerator | PartialState, flag: bool) -> bool:
     """True on every process when `flag` is set on any (all ranks stop at the same step)."""
-    if accelerator.num_processes == 1:
+    if process.num_processes == 1:
         return flag
-    return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
+    return reduce(torch.tensor([float(flag)], device=process.device), "sum").item() > 0
 
 
 def _sample_grid(accelerator, model, ema, noise_scheduler, recipe: Recipe, output_dir: Path, step: int) -> None:

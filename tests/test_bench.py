@@ -274,9 +274,11 @@ def test_run_all_tiny_writes_the_results_structure(tmp_path):
             for key in [k for k in row if k.endswith("_spread")]:
                 assert row[key][0] <= row[key][1], (res["benchmark"], key, row[key])
     steps = {(r["variant"], r["precision"], r["path"]) for r in saved["results"][0]["rows"]}
+    default, precision_probe = saved["results"][0]["default_precision"], saved["results"][0]["precision_probe"]
+    assert default == {"bf16": "bf16", "no": "fp32"}[precision_probe["mixed_precision"]]  # fashion-cpu: auto
     assert steps == ({(v, p, "plain") for v in ("stock", "resnet", "adagn", "convnext") for p in ("fp32", "bf16")}
-                     | {("resnet", "bf16", "recipe"), ("convnext", "bf16", "recipe"),
-                        ("resnet", "bf16", "convnext-layout")})  # fashion-cpu: bf16
+                     | {("resnet", default, "recipe"), ("convnext", default, "recipe"),
+                        ("resnet", default, "convnext-layout")})
     recipe_path = saved["results"][0]["recipe_path"]  # fashion-cpu: train.channels_last=auto, fused AdamW
     assert set(recipe_path) == {"resnet", "convnext"}
     for layout in recipe_path.values():  # the layout the training loop's probe picks on this machine
@@ -325,7 +327,8 @@ def test_quality_budget_tiny_trains_both_arms_for_the_budget_and_scores_them(tmp
     res = quality_budget.run(cfg, tmp_path / "out")
     rows = {r["arm"]: r for r in res["rows"]}
     assert set(rows) == {"stock", "ours"}
-    assert rows["stock"]["precision"] == "no" and rows["ours"]["precision"] == "bf16"
+    ours_probe = json.loads((tmp_path / "out" / "ours-probe.json").read_text())  # fashion-cpu: precision auto,
+    assert rows["stock"]["precision"] == "no" and rows["ours"]["precision"] == ours_probe["mixed_precision"]  # pinned
     for arm, row in rows.items():
         assert row["stopped_by"] in ("max_minutes", "max_steps") and row["steps"] >= 1 and row["fid"] > 0
         assert row["train_min"] < cfg.minutes + 0.1  # the budget is a hard stop
@@ -333,6 +336,7 @@ def test_quality_budget_tiny_trains_both_arms_for_the_budget_and_scores_them(tmp
         probe = json.loads((tmp_path / "out" / f"{arm}-probe.json").read_text())
         summary = json.loads((tmp_path / "out" / arm / "train_summary.json").read_text())
         assert summary["channels_last"] == probe["channels_last"] and summary["layout_probe"] is None  # pinned
+        assert summary["mixed_precision"] == probe["mixed_precision"] and summary["precision_probe"] is None
     (t,) = res["targets"]
     assert t["name"] == "quality_budget.fid_ours_over_stock" and t["target"] == "<= 0.5"
     assert abs(t["value"] - rows["ours"]["fid"] / rows["stock"]["fid"]) < 1e-3

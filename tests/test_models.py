@@ -246,13 +246,17 @@ def test_depthwise_kernel_matches_the_library_conv(channels_last, bf16):
     assert y.dtype == y_lib.dtype == (torch.bfloat16 if bf16 else torch.float32)
     assert torch.equal(y, y_lib)
     assert gx.dtype == gw.dtype == gb.dtype == torch.float32
-    tol = 1e-2 if bf16 else 1e-5
-    for ours, lib in ((gx, gx_lib), (gw, gw_lib), (gb, gb_lib)):
-        assert (ours - lib).abs().max() <= tol * lib.abs().max()
-    if bf16:  # the weight gradient sums the batch in fp32: nearer the fp64 truth than the library's bf16 sum
+    truths = (x64.grad, conv64.weight.grad, conv64.bias.grad)
+    for ours, lib, truth in zip((gx, gw, gb), (gx_lib, gw_lib, gb_lib), truths):
+        if not bf16:
+            assert (ours - lib).abs().max() <= 1e-5 * lib.abs().max()
+            continue
+        # bf16: the two kernels round in different places, and how far apart they land depends on the CPU's bf16
+        # kernels (1.5% of the largest gradient on one AMD EPYC); what must hold is that ours is no further from
+        # the fp64 truth than the library's (or within two bf16 ulps of it)
         def err(a):
-            return (a.double() - conv64.weight.grad).abs().max() / conv64.weight.grad.abs().max()
-        assert err(gw) <= err(gw_lib) * 1.1
+            return ((a.double() - truth).abs().max() / truth.abs().max()).item()
+        assert err(ours) <= max(1.1 * err(lib), 2 ** -7), (err(ours), err(lib))
 
 
 def test_convnext_unet_is_the_same_function_with_either_depthwise_backward(monkeypatch):

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from diffseg_hf.models import load_unet
 from diffseg_hf.pipeline import load_model_and_scheduler
 from diffseg_hf.checkpoints import list_checkpoints
 from diffseg_hf.recipe import list_recipes, load_recipe
-from diffseg_hf.training import TrainingDiverged, TrainingInterrupted, probe_channels_last, train
+from diffseg_hf.training import TrainingDiverged, TrainingInterrupted, probe_channels_last, probe_precision, train
 
 TINY_TRAIN = TINY_MODEL + ["train.batch_size=4", "train.log_every=1", "train.warmup_steps=2",
                            "sample.num_images=2", "sample.steps=2", "data.max_images=64",
@@ -180,10 +179,21 @@ def test_max_minutes_budget_stops_the_run_and_saves(tmp_path):
     assert again["steps_this_run"] == 0 and again["stopped_by"] == "max_minutes"  # the budget spans resumes
 
 
-def test_lr_horizon_minutes_fits_the_schedule_to_the_budget_and_survives_resume(tmp_path):
+def test_lr_horizon_minutes_fits_the_schedule_to_the_budget_and_survives_resume(tmp_path, monkeypatch):
+    """The training loop's clock is a fake one that only the steps advance (40 ms each: a 6 s budget is 150 steps),
+    so the machine's load cannot stop the first run before its 35 steps."""
+    import types
+
+    import diffseg_hf.training as training
+
+    clock = [0.0]
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     recipe = load_recipe("fashion-cpu", TINY_TRAIN + ["train.max_minutes=0.1", "train.lr_horizon=minutes",
                                                       "train.max_steps=100000", "train.checkpoint_every=0"])
-    slow = lambda step, loss: time.sleep(0.015)  # noqa: E731 - at least 15 ms a step: 6 s fit < 400 steps
+
+    def slow(step, loss):
+        clock[0] += 0.04
+
     first = train(recipe, tmp_path / "run", max_steps=35, step_callback=slow, progress=False)
     horizon = first["lr_horizon_steps"]
     assert first["steps"] == 35 and 35 < horizon < 400  # calibrated at step 30, far below train.max_steps
@@ -342,6 +352,80 @@ def test_channels_last_auto_probes_once_and_a_resume_keeps_its_choice(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(RecipeError, match=r"^train\.channels_last: expected true, false or auto, got 'maybe'$"):
         load_recipe("fashion-cpu", ["train.channels_last=maybe"])
+
+
+def test_probe_precision_times_fp32_and_bf16_and_leaves_the_model_as_it_was():
+    """The train.mixed_precision=auto probe: interleaved fp32 and bf16-autocast steps, the decision is the shorter
+    median, and the probed model keeps its weights (the probe trains copies)."""
+    recipe = load_recipe("fashion-cpu", TINY_MODEL)
+    unet, scheduler = build_unet(recipe), build_scheduler(recipe)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    probe = probe_precision(unet, scheduler, (2, 1, 16, 16), fused=True, steps=2)
+    fp32, bf16 = probe["fp32_ms"], probe["bf16_ms"]
+    assert 1 <= len(fp32) == len(bf16) <= 2 and min(fp32 + bf16) > 0
+    if len(fp32) < 2:  # stopped early: one arm was decisively slower in the first timed round
+        assert max(fp32[0], bf16[0]) > 2.0 * min(fp32[0], bf16[0])
+    assert probe["mixed_precision"] == ("bf16" if np.median(bf16) < np.median(fp32) else "no")
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+
+def test_timed_arms_stop_after_a_decisive_round(monkeypatch):
+    """With `decisive`, the probe stops after the first timed round in which one arm is that many times slower
+    (a slow bf16 step costs ~15 s on an AVX2-only CPU); without it every round runs. A fake clock that only the
+    arms' autocast contexts advance makes the timings exact."""
+    import contextlib
+    import types
+
+    import diffseg_hf.training as training
+
+    clock = [0.0]
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def costing(seconds):
+        @contextlib.contextmanager
+        def context():
+            clock[0] += seconds
+            yield
+        return context
+
+    recipe = load_recipe("fashion-cpu", TINY_MODEL)
+    unet, scheduler = build_unet(recipe), build_scheduler(recipe)
+    arms = {"fast": (torch.contiguous_format, costing(0.1)), "slow": (torch.contiguous_format, costing(0.25))}
+    timed = training._time_arms(unet, scheduler, (2, 1, 16, 16), arms, fused=False, device=None, steps=3,
+                                decisive=2.0)
+    assert timed == {"fast_ms": [100.0], "slow_ms": [250.0]}
+    arms["slow"] = (torch.contiguous_format, costing(0.15))  # 1.5x: not decisive, every round runs
+    timed = training._time_arms(unet, scheduler, (2, 1, 16, 16), arms, fused=False, device=None, steps=3,
+                                decisive=2.0)
+    assert timed == {"fast_ms": [100.0] * 3, "slow_ms": [150.0] * 3}
+
+
+def test_mixed_precision_auto_probes_once_and_a_resume_keeps_its_choice(tmp_path, monkeypatch):
+    """auto picks fp32 or bf16 by timing (either may win on this machine), records it in the summary and the
+    checkpoint, and a resume takes it from the checkpoint without probing again; a precision that is set is
+    used as set, with no probe."""
+    import diffseg_hf.training as training
+
+    base = TINY_TRAIN + ["train.max_steps=4", "train.checkpoint_every=2", "train.mixed_precision=auto"]
+    auto = load_recipe("fashion-cpu", base)
+    first = train(auto, tmp_path / "auto", max_steps=2, progress=False)
+    probe, chosen = first["precision_probe"], first["mixed_precision"]
+    assert chosen in ("no", "bf16") and probe["mixed_precision"] == chosen and probe["seconds"] > 0
+    assert first["train_seconds_total"] >= probe["seconds"]  # the probe is spent from the budget
+    state = json.loads((tmp_path / "auto" / "checkpoint-2" / "training_state.json").read_text())
+    assert state["progress"]["mixed_precision"] == chosen
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("a resume must keep the run's precision, not probe again")
+
+    monkeypatch.setattr(training, "probe_precision", no_probe)
+    resumed = train(auto, tmp_path / "auto", resume="latest", progress=False)
+    assert resumed["steps"] == 4 and resumed["precision_probe"] is None and resumed["mixed_precision"] == chosen
+    fixed = train(load_recipe("fashion-cpu", TINY_TRAIN + ["train.max_steps=1", "train.mixed_precision=bf16"]),
+                  tmp_path / "bf16", progress=False)
+    assert fixed["mixed_precision"] == "bf16" and fixed["precision_probe"] is None and np.isfinite(fixed["last_loss"])
+    with pytest.raises(RecipeError, match=r"^train\.mixed_precision: "):
+        load_recipe("fashion-cpu", ["train.mixed_precision=fp8"])
 
 
 def test_extend_with_max_steps_and_checkpoint_rotation(tmp_path):
