@@ -131,8 +131,8 @@ class TrainConfig:
     max_timestep: int | None = None
     max_timestep_share: float = 1.0
     # None: take the launcher's setting. "auto": bf16 on a GPU that has it (else fp16); on CPU, time a few steps in
-    # fp32 and under bf16 autocast first and keep the faster (bf16 is 1.7-1.9x faster with native bf16 kernels and
-    # about 14x slower on an AVX2-only CPU: BENCHMARKS.md); a resume keeps the run's choice
+    # fp32 and under bf16 autocast first and keep the faster (bf16 was about 1.6x faster on the CPUs we benchmarked and
+    # 15-17x slower on an AVX2-only CPU: BENCHMARKS.md); a resume keeps the run's choice
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] | None = None
     # NHWC weights and batches; "auto": time a few steps of both layouts on this machine first and keep the faster
     # (the winner depends on the CPU's oneDNN kernels: BENCHMARKS.md, issue #16); a resume keeps the run's choice

@@ -156,8 +156,8 @@ def probe_channels_last(unet: torch.nn.Module, scheduler, batch_shape: tuple[int
 def probe_precision(unet: torch.nn.Module, scheduler, batch_shape: tuple[int, ...], *, fused: bool,
                     device: torch.device | str | None = None, steps: int = PROBE_STEPS) -> dict:
     """Times CPU training steps of ``unet`` in float32 and under bf16 autocast (NCHW, as `probe_channels_last`
-    times layouts; ``unet`` is left as it was). bf16 runs 1.7-1.9x float32's steps on CPUs with native bf16
-    (AVX512-BF16, AMX) and about 14x slower on an AVX2-only AMD EPYC, where oneDNN has no bf16 convolutions
+    times layouts; ``unet`` is left as it was). bf16 ran about 1.6x faster than float32 on the CPUs of our
+    earlier benchmarks and 15-17x slower on an AVX2-only AMD EPYC, which has no native bf16
     (BENCHMARKS.md, "bf16 on a CPU without native bf16"), so train.mixed_precision=auto measures it. A round in
     which one arm is DECISIVE times slower ends the probe early (one slow bf16 step there costs ~15 s).
     Returns {"mixed_precision": "bf16" if its median step is the shorter else "no", "fp32_ms": [...],
