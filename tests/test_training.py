@@ -482,7 +482,8 @@ def test_missing_data_is_a_one_line_error(tmp_path):
 
 def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` really runs two gloo DDP processes on CPU, and resumes;
-    with train.channels_last=auto both ranks probe and take one layout (gathered), and the resume keeps it."""
+    with train.channels_last=auto and train.mixed_precision=auto both ranks probe and take one layout and one
+    precision (gathered), and the resume keeps them."""
     import socket
 
     def launch(*args):
@@ -492,7 +493,8 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                port, "-m", "diffseg_cli", "train", "--recipe", "fashion-cpu", "--output-dir", str(tmp_path),
-               *args] + [a for o in TINY_TRAIN + ["train.channels_last=auto"] for a in ("--set", o)]
+               *args] + [a for o in TINY_TRAIN + ["train.channels_last=auto", "train.mixed_precision=auto"]
+                        for a in ("--set", o)]
         env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -500,13 +502,17 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
 
     first = launch("--max-steps", "2")
     assert first.count("train.channels_last=auto: NCHW") == 1  # the main process reports the gathered choice
-    chosen = json.loads((tmp_path / "checkpoint-2" / "training_state.json").read_text())["progress"]["channels_last"]
+    assert first.count("train.mixed_precision=auto: fp32") == 1
+    progress = json.loads((tmp_path / "checkpoint-2" / "training_state.json").read_text())["progress"]
+    chosen, precision = progress["channels_last"], progress["mixed_precision"]
     resumed = launch("--max-steps", "3", "--resume", "latest")
     assert "resumed from" in resumed and "train.channels_last=auto" not in resumed  # no second probe
+    assert "train.mixed_precision=auto" not in resumed
     assert not (tmp_path / ".lock").exists()  # the main process held it, and let it go
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 3
     assert isinstance(chosen, bool) and summary["channels_last"] == chosen and summary["layout_probe"] is None
+    assert precision in ("no", "bf16") and summary["mixed_precision"] == precision
     assert summary["images_seen"] == 3 * 4 * 2  # each process took its own shard of the global batch
     a, b = summary["rank_weight_checksums"]
     assert a == b
