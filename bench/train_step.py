@@ -29,7 +29,7 @@ from diffseg_hf.data import TrainBatches, load_images
 from diffseg_hf.models import DiffsegUNet2DModel, count_parameters
 from diffseg_hf.recipe import load_recipe
 from diffseg_hf.schedule import make_scheduler
-from diffseg_hf.training import diffusion_loss, probe_channels_last, probe_precision
+from diffseg_hf.training import auto_precision, diffusion_loss, probe_channels_last
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # accelerate's mixed_precision values -> our precision names (None: the launcher's default, "no")
@@ -296,15 +296,13 @@ def run(cfg: Config) -> dict:
 
 def recipe_precision(train, model: torch.nn.Module, batch_size: int, device: str = "cpu") -> tuple[str, dict | None]:
     """(our precision name, probe) for a recipe's train.mixed_precision; "auto" is resolved as the training loop
-    resolves it (bf16 on a GPU that has it, else fp16; on CPU `probe_precision` on ``model`` at this batch)."""
+    resolves it (`diffseg_hf.training.auto_precision` on ``model`` at this batch)."""
     if train.mixed_precision != "auto":
         return RECIPE_PRECISION[train.mixed_precision], None
-    if torch.device(device).type == "cuda":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
-    probe = probe_precision(model, make_scheduler("linear"), (batch_size, model.config.in_channels,
-                                                              *(model.config.sample_size,) * 2),
-                            fused=train.fused_optimizer)
-    return ("bf16" if probe["mixed_precision"] == "bf16" else "fp32"), probe
+    chosen, probe = auto_precision(model, make_scheduler("linear"), (batch_size, model.config.in_channels,
+                                                                     *(model.config.sample_size,) * 2),
+                                   fused=train.fused_optimizer, device=device)
+    return RECIPE_PRECISION[chosen], probe
 
 
 def recipe_layout(train, kind: str, kwargs: dict, precision: str, batch_size: int) -> dict:

@@ -504,7 +504,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         raise RecipeError(errors[0] if len(errors) == 1 else f"{path}: expected {_choices(args)}, got {value!r}")
     if origin is Literal:
         if value not in args:
-            raise RecipeError(f"{path}: {value!r} is not one of {', '.join(map(str, args))}")
+            hint = ('; YAML reads an unquoted no as false: write "no"' if value is False and "no" in args else "")
+            raise RecipeError(f"{path}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

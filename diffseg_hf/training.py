@@ -482,23 +482,33 @@ class _SigintFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def auto_precision(unet: torch.nn.Module, scheduler, batch_shape: tuple[int, ...], *, fused: bool,
+                   device: torch.device | str) -> tuple[str, dict | None]:
+    """(accelerate's mixed_precision, probe) that train.mixed_precision=auto trains ``unet`` in on ``device``: bf16
+    on a GPU that has it, else fp16 (no probe); on CPU the faster of fp32 ("no") and bf16 by `probe_precision`."""
+    if torch.device(device).type == "cuda":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
+    probe = probe_precision(unet, scheduler, batch_shape, fused=fused, device=device)
+    return probe["mixed_precision"], probe
+
+
 def _choose_precision(process: PartialState, recipe: Recipe, resume_from: Path | None) -> tuple[str | None, dict | None]:
-    """(mixed_precision, probe): train.mixed_precision as set; for "auto", bf16 on a GPU that has it (else fp16),
-    on CPU the precision the run chose before (a resume) or the one `probe_precision` measures faster now. Every
-    rank probes; all take the precision with the shorter summed median."""
+    """(mixed_precision, probe): train.mixed_precision as set; for "auto", the precision the run chose before (a
+    resume) or `auto_precision` now. With several ranks every rank probes, and all take the precision with the
+    shorter summed median."""
     cfg = recipe.train
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision, None
-    if process.device.type == "cuda":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
     if resume_from is not None:
         chosen = checkpoint_progress(resume_from).get("mixed_precision")
         if chosen is not None:
             return chosen, None
     begin = time.perf_counter()
-    probe = probe_precision(build_unet(recipe), build_scheduler(recipe),
-                            (cfg.batch_size, recipe.data.channels, *(recipe.data.resolution,) * 2),
-                            fused=cfg.fused_optimizer, device=process.device)
+    chosen, probe = auto_precision(build_unet(recipe), build_scheduler(recipe),
+                                   (cfg.batch_size, recipe.data.channels, *(recipe.data.resolution,) * 2),
+                                   fused=cfg.fused_optimizer, device=process.device)
+    if probe is None:  # a GPU: no measurement
+        return chosen, None
     medians = torch.tensor([[statistics.median(probe["fp32_ms"]), statistics.median(probe["bf16_ms"])]],
                            device=process.device)
     fp32, bf16 = (gather(medians) if process.num_processes > 1 else medians).sum(0).tolist()

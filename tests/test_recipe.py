@@ -66,6 +66,8 @@ def test_overrides_are_typed_and_validated():
     ("train.max_steps=1.5", r"train\.max_steps: expected an integer"),
     ("data.hflip=maybe", r"data\.hflip: expected true or false"),
     ("scheduler.schedule=quadratic", r"scheduler\.schedule: 'quadratic' is not one of linear, cosine"),
+    ("train.mixed_precision=no", r'train\.mixed_precision: False is not one of no, fp16, bf16, auto; YAML reads an '
+                                 r'unquoted no as false: write "no"$'),
     ("model.block=transformer", r"unknown block type 'transformer' \(model\.block\); choose from"),
     ("model.block_out_channels=[8, x]", r"model\.block_out_channels\[1\]: expected an integer"),
     ("train.lr", r"expected section\.key=value"),
