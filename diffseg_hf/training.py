@@ -444,16 +444,12 @@ def _choose_layout(accelerator: Accelerator, cfg, unet, noise_scheduler, resume_
     or `probe_channels_last` picks now. Every rank probes; all take the layout with the shorter summed median."""
     if cfg.channels_last != "auto":
         return cfg.channels_last, None
-    if resume_from is not None:
-        chosen = checkpoint_progress(resume_from).get("channels_last")
-        if chosen is not None:
-            return chosen, None
+    if (chosen := _kept_choice(resume_from, "channels_last")) is not None:
+        return chosen, None
     begin = time.perf_counter()
     probe = probe_channels_last(unet, noise_scheduler, batch_shape, fused=cfg.fused_optimizer,
                                 autocast=accelerator.autocast, device=accelerator.device)
-    medians = torch.tensor([[statistics.median(probe["nchw_ms"]), statistics.median(probe["nhwc_ms"])]],
-                           device=accelerator.device)
-    nchw, nhwc = accelerator.gather(medians).sum(0).tolist()
+    nchw, nhwc = _summed_medians(accelerator, probe, ("nchw_ms", "nhwc_ms"))
     probe.update(channels_last=nhwc < nchw, seconds=round(time.perf_counter() - begin, 2))
     accelerator.print(f"train.channels_last=auto: NCHW {nchw:.0f} ms/step, NHWC {nhwc:.0f} ms/step -> "
                       f"{'channels_last' if nhwc < nchw else 'NCHW'} (probe {probe['seconds']:.1f} s)")
@@ -499,23 +495,30 @@ def _choose_precision(process: PartialState, recipe: Recipe, resume_from: Path |
     cfg = recipe.train
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision, None
-    if resume_from is not None:
-        chosen = checkpoint_progress(resume_from).get("mixed_precision")
-        if chosen is not None:
-            return chosen, None
+    if (chosen := _kept_choice(resume_from, "mixed_precision")) is not None:
+        return chosen, None
     begin = time.perf_counter()
     chosen, probe = auto_precision(build_unet(recipe), build_scheduler(recipe),
                                    (cfg.batch_size, recipe.data.channels, *(recipe.data.resolution,) * 2),
                                    fused=cfg.fused_optimizer, device=process.device)
     if probe is None:  # a GPU: no measurement
         return chosen, None
-    medians = torch.tensor([[statistics.median(probe["fp32_ms"]), statistics.median(probe["bf16_ms"])]],
-                           device=process.device)
-    fp32, bf16 = (gather(medians) if process.num_processes > 1 else medians).sum(0).tolist()
+    fp32, bf16 = _summed_medians(process, probe, ("fp32_ms", "bf16_ms"))
     probe.update(mixed_precision="bf16" if bf16 < fp32 else "no", seconds=round(time.perf_counter() - begin, 2))
     process.print(f"train.mixed_precision=auto: fp32 {fp32:.0f} ms/step, bf16 {bf16:.0f} ms/step -> "
                   f"{probe['mixed_precision']} (probe {probe['seconds']:.1f} s)")
     return probe["mixed_precision"], probe
+
+
+def _kept_choice(resume_from: Path | None, key: str):
+    """What an "auto" setting chose earlier in the run being resumed (None: start fresh, or not recorded)."""
+    return None if resume_from is None else checkpoint_progress(resume_from).get(key)
+
+
+def _summed_medians(process: Accelerator | PartialState, probe: dict, keys: tuple[str, ...]) -> list[float]:
+    """The median of each of the probe's timing lists, summed over the ranks (so that all take one choice)."""
+    medians = torch.tensor([[statistics.median(probe[k]) for k in keys]], device=process.device)
+    return (gather(medians) if process.num_processes > 1 else medians).sum(0).tolist()
 
 
 @contextlib.contextmanager
