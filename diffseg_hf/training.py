@@ -98,6 +98,9 @@ REFIT_EVERY = 100  # then re-fits the horizon every 100 steps from this run's me
 
 PROBE_STEPS = 3  # train.channels_last / mixed_precision=auto: interleaved timed steps per arm, after a warm-up step
 DECISIVE = 2.0  # the precision probe stops after a timed round in which one arm is this many times slower
+# ...and before any training step when a bf16 3x3 convolution runs this many times slower than float32: the CPU
+# has no native bf16 kernels (27x on an AVX2-only AMD EPYC; a bf16 training step there is 15-17x slower)
+SCREEN_SLOWER = 4.0
 
 
 def _time_arms(unet: torch.nn.Module, scheduler, batch_shape: tuple[int, ...], arms: dict, *, fused: bool,
@@ -153,23 +156,49 @@ def probe_channels_last(unet: torch.nn.Module, scheduler, batch_shape: tuple[int
     return {"channels_last": statistics.median(times["nhwc_ms"]) < statistics.median(times["nchw_ms"]), **times}
 
 
+def bf16_conv_screen(repeats: int = 3) -> dict:
+    """{"fp32_ms": [...], "bf16_ms": [...]}: one 3x3 convolution (16 x 32 x 32 x 32, the UNet's commonest op) on
+    CPU in float32 and in bf16, interleaved, after one untimed call each; about 0.6 s where bf16 is emulated
+    (135 against 5 ms per call on an AVX2-only AMD EPYC) and milliseconds where it is native."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 32, 32, 32, generator=gen), torch.randn(32, 32, 3, 3, generator=gen)
+    pairs = {"fp32": (x, w), "bf16": (x.bfloat16(), w.bfloat16())}
+    times = {f"{name}_ms": [] for name in pairs}
+    with torch.no_grad():
+        for repeat in range(repeats + 1):
+            for name, (xi, wi) in pairs.items():
+                begin = time.perf_counter()
+                F.conv2d(xi, wi, padding=1)
+                if repeat:
+                    times[f"{name}_ms"].append(round((time.perf_counter() - begin) * 1e3, 3))
+    return times
+
+
 def probe_precision(unet: torch.nn.Module, scheduler, batch_shape: tuple[int, ...], *, fused: bool,
-                    device: torch.device | str | None = None, steps: int = PROBE_STEPS) -> dict:
+                    device: torch.device | str | None = None, steps: int = PROBE_STEPS, screen: bool = True) -> dict:
     """Times CPU training steps of ``unet`` in float32 and under bf16 autocast (NCHW, as `probe_channels_last`
     times layouts; ``unet`` is left as it was). bf16 ran about 1.6x faster than float32 on the CPUs of our
     earlier benchmarks and 15-17x slower on an AVX2-only AMD EPYC, which has no native bf16
-    (BENCHMARKS.md, "bf16 on a CPU without native bf16"), so train.mixed_precision=auto measures it. A round in
-    which one arm is DECISIVE times slower ends the probe early (one slow bf16 step there costs ~15 s).
-    Returns {"mixed_precision": "bf16" if its median step is the shorter else "no", "fp32_ms": [...],
-    "bf16_ms": [...]}."""
+    (BENCHMARKS.md, "bf16 on a CPU without native bf16"), so train.mixed_precision=auto measures it.
+    With ``screen``, `bf16_conv_screen` comes first: a bf16 convolution SCREEN_SLOWER times slower than float32
+    decides for float32 without a training step (~0.6 s instead of ~30 s there). Otherwise a round in which one
+    arm is DECISIVE times slower ends the step probe early.
+    Returns {"mixed_precision": "bf16" if its median is the shorter else "no", "by": "conv screen" or
+    "training steps", "fp32_ms": [...], "bf16_ms": [...]} (the timings that decided) and "screen" (its timings)."""
     def bf16():
         return torch.autocast("cpu", dtype=torch.bfloat16)
 
+    out = {}
+    if screen:
+        out["screen"] = bf16_conv_screen()
+        fp32, bf16_ms = (statistics.median(out["screen"][k]) for k in ("fp32_ms", "bf16_ms"))
+        if bf16_ms > SCREEN_SLOWER * fp32:
+            return {"mixed_precision": "no", "by": "conv screen", **out["screen"], **out}
     times = _time_arms(unet, scheduler, batch_shape, {"fp32": (torch.contiguous_format, contextlib.nullcontext),
                                                       "bf16": (torch.contiguous_format, bf16)},
                        fused=fused, device=device, steps=steps, decisive=DECISIVE)
     faster = statistics.median(times["bf16_ms"]) < statistics.median(times["fp32_ms"])
-    return {"mixed_precision": "bf16" if faster else "no", **times}
+    return {"mixed_precision": "bf16" if faster else "no", "by": "training steps", **times, **out}
 
 
 def _schedule(cfg, optimizer: torch.optim.Optimizer, horizon: int, step: int = 0):
@@ -503,6 +532,12 @@ def _choose_precision(process: PartialState, recipe: Recipe, resume_from: Path |
                                    fused=cfg.fused_optimizer, device=process.device)
     if probe is None:  # a GPU: no measurement
         return chosen, None
+    if _any_process(process, probe["by"] == "conv screen"):  # no native bf16 on some rank: fp32 on every rank
+        fp32, bf16 = (statistics.median(probe["screen"][k]) for k in ("fp32_ms", "bf16_ms"))
+        probe.update(mixed_precision="no", seconds=round(time.perf_counter() - begin, 2))
+        process.print(f"train.mixed_precision=auto: a bf16 convolution takes {bf16 / fp32:.0f}x float32's time "
+                      f"({bf16:.1f} against {fp32:.1f} ms): no native bf16 here -> no (probe {probe['seconds']:.1f} s)")
+        return "no", probe
     fp32, bf16 = _summed_medians(process, probe, ("fp32_ms", "bf16_ms"))
     probe.update(mixed_precision="bf16" if bf16 < fp32 else "no", seconds=round(time.perf_counter() - begin, 2))
     process.print(f"train.mixed_precision=auto: fp32 {fp32:.0f} ms/step, bf16 {bf16:.0f} ms/step -> "

@@ -1,7 +1,7 @@
 """fp32 against bf16 autocast on this CPU, for each recipe whose train.mixed_precision is `auto`: the training
 loop's own probe (`diffseg_hf.training.probe_precision`: the recipe's UNet at its batch size, NCHW, AdamW as the
-recipe sets it, interleaved steps after one warm-up step each), here run to the end (no early stop), with the CPU's
-vector capability and bf16 support recorded.
+recipe sets it, interleaved steps after one warm-up step each), here run to the end (no conv screen, no early stop),
+with the CPU's vector capability and bf16 support recorded.
 
     python experiments/precision_probe.py --out docs/bench/precision_probe_amd_avx2.json
 
@@ -53,7 +53,7 @@ def main() -> None:
         torch.manual_seed(0)
         shape = (recipe.train.batch_size, recipe.data.channels, recipe.data.resolution, recipe.data.resolution)
         probe = probe_precision(build_unet(recipe), build_scheduler(recipe), shape,
-                                fused=recipe.train.fused_optimizer, steps=args.steps)
+                                fused=recipe.train.fused_optimizer, steps=args.steps, screen=False)
         fp32, bf16 = statistics.median(probe["fp32_ms"]), statistics.median(probe["bf16_ms"])
         rows.append({"recipe": name, "batch": shape, "mixed_precision": recipe.train.mixed_precision,
                      "fp32_ms": probe["fp32_ms"], "bf16_ms": probe["bf16_ms"], "fp32_median_ms": fp32,

@@ -360,13 +360,40 @@ def test_probe_precision_times_fp32_and_bf16_and_leaves_the_model_as_it_was():
     recipe = load_recipe("fashion-cpu", TINY_MODEL)
     unet, scheduler = build_unet(recipe), build_scheduler(recipe)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    probe = probe_precision(unet, scheduler, (2, 1, 16, 16), fused=True, steps=2)
+    probe = probe_precision(unet, scheduler, (2, 1, 16, 16), fused=True, steps=2, screen=False)
+    assert probe["by"] == "training steps" and "screen" not in probe
     fp32, bf16 = probe["fp32_ms"], probe["bf16_ms"]
     assert 1 <= len(fp32) == len(bf16) <= 2 and min(fp32 + bf16) > 0
     if len(fp32) < 2:  # stopped early: one arm was decisively slower in the first timed round
         assert max(fp32[0], bf16[0]) > 2.0 * min(fp32[0], bf16[0])
     assert probe["mixed_precision"] == ("bf16" if np.median(bf16) < np.median(fp32) else "no")
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+
+def test_precision_probe_screens_out_emulated_bf16_before_any_training_step(monkeypatch):
+    """A bf16 convolution SCREEN_SLOWER times slower than float32 (a CPU without native bf16) decides for fp32
+    without a training step; a screen that does not say so leaves the decision to the timed steps. The screen
+    itself times real float32 and bf16 convolutions."""
+    import diffseg_hf.training as training
+
+    screen = training.bf16_conv_screen(repeats=2)
+    assert len(screen["fp32_ms"]) == len(screen["bf16_ms"]) == 2 and min(screen["fp32_ms"] + screen["bf16_ms"]) > 0
+    recipe = load_recipe("fashion-cpu", TINY_MODEL)
+    unet, scheduler = build_unet(recipe), build_scheduler(recipe)
+
+    def no_steps(*args, **kwargs):
+        raise AssertionError("the conv screen decided: no training step may run")
+
+    monkeypatch.setattr(training, "bf16_conv_screen", lambda: {"fp32_ms": [5.0, 5.0, 6.0], "bf16_ms": [135.0] * 3})
+    monkeypatch.setattr(training, "_time_arms", no_steps)
+    probe = probe_precision(unet, scheduler, (2, 1, 16, 16), fused=False)
+    assert probe["mixed_precision"] == "no" and probe["by"] == "conv screen" and probe["bf16_ms"] == [135.0] * 3
+    # 3x slower (under SCREEN_SLOWER): the steps decide, and here they say bf16
+    monkeypatch.setattr(training, "bf16_conv_screen", lambda: {"fp32_ms": [5.0] * 3, "bf16_ms": [15.0] * 3})
+    monkeypatch.setattr(training, "_time_arms", lambda *a, **k: {"fp32_ms": [900.0], "bf16_ms": [600.0]})
+    probe = probe_precision(unet, scheduler, (2, 1, 16, 16), fused=False)
+    assert probe["mixed_precision"] == "bf16" and probe["by"] == "training steps"
+    assert probe["screen"] == {"fp32_ms": [5.0] * 3, "bf16_ms": [15.0] * 3}
 
 
 def test_timed_arms_stop_after_a_decisive_round(monkeypatch):
@@ -411,6 +438,7 @@ def test_mixed_precision_auto_probes_once_and_a_resume_keeps_its_choice(tmp_path
     first = train(auto, tmp_path / "auto", max_steps=2, progress=False)
     probe, chosen = first["precision_probe"], first["mixed_precision"]
     assert chosen in ("no", "bf16") and probe["mixed_precision"] == chosen and probe["seconds"] > 0
+    assert probe["by"] in ("conv screen", "training steps") and len(probe["screen"]["bf16_ms"]) == 3
     assert first["train_seconds_total"] >= probe["seconds"]  # the probe is spent from the budget
     state = json.loads((tmp_path / "auto" / "checkpoint-2" / "training_state.json").read_text())
     assert state["progress"]["mixed_precision"] == chosen
@@ -502,7 +530,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
 
     first = launch("--max-steps", "2")
     assert first.count("train.channels_last=auto: NCHW") == 1  # the main process reports the gathered choice
-    assert first.count("train.mixed_precision=auto: fp32") == 1
+    assert first.count("train.mixed_precision=auto: ") == 1  # by the conv screen or by timed steps
     progress = json.loads((tmp_path / "checkpoint-2" / "training_state.json").read_text())["progress"]
     chosen, precision = progress["channels_last"], progress["mixed_precision"]
     resumed = launch("--max-steps", "3", "--resume", "latest")
