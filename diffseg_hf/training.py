@@ -174,6 +174,11 @@ def bf16_conv_screen(repeats: int = 3) -> dict:
     return times
 
 
+def bf16_is_emulated(screen: dict) -> bool:
+    """Whether a `bf16_conv_screen` says this CPU has no native bf16: bf16 over SCREEN_SLOWER times float32's time."""
+    return statistics.median(screen["bf16_ms"]) > SCREEN_SLOWER * statistics.median(screen["fp32_ms"])
+
+
 def probe_precision(unet: torch.nn.Module, scheduler, batch_shape: tuple[int, ...], *, fused: bool,
                     device: torch.device | str | None = None, steps: int = PROBE_STEPS, screen: bool = True) -> dict:
     """Times CPU training steps of ``unet`` in float32 and under bf16 autocast (NCHW, as `probe_channels_last`
@@ -191,8 +196,7 @@ def probe_precision(unet: torch.nn.Module, scheduler, batch_shape: tuple[int, ..
     out = {}
     if screen:
         out["screen"] = bf16_conv_screen()
-        fp32, bf16_ms = (statistics.median(out["screen"][k]) for k in ("fp32_ms", "bf16_ms"))
-        if bf16_ms > SCREEN_SLOWER * fp32:
+        if bf16_is_emulated(out["screen"]):
             return {"mixed_precision": "no", "by": "conv screen", **out["screen"], **out}
     times = _time_arms(unet, scheduler, batch_shape, {"fp32": (torch.contiguous_format, contextlib.nullcontext),
                                                       "bf16": (torch.contiguous_format, bf16)},
